@@ -1,0 +1,26 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv and install.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install install-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+
+install-dev: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+
+# The main job: AutoBatch + training on the embedded synthetic dataset (generated on first use).
+demo: install
+	$(BIN)/yolo-batch train --auto --epochs 3 --imgsz 320
+
+test: install-dev
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

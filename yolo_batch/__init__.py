@@ -1,0 +1,30 @@
+"""yolo-batch: batch size as a solved problem for Ultralytics YOLO.
+
+Public API::
+
+    from yolo_batch import BatchRequest, SizingConfig, TrainConfig, estimate_batch, train
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from yolo_batch.autobatch import estimate_batch
+from yolo_batch.config import BatchRequest, Rounding, SizingConfig, TrainConfig
+from yolo_batch.decision import AutoBatchDecision
+from yolo_batch.errors import InputError, YoloBatchError
+from yolo_batch.training import TrainResult, train
+
+__all__ = [
+    "AutoBatchDecision",
+    "BatchRequest",
+    "InputError",
+    "Rounding",
+    "SizingConfig",
+    "TrainConfig",
+    "TrainResult",
+    "YoloBatchError",
+    "__version__",
+    "estimate_batch",
+    "train",
+]

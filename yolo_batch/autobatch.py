@@ -1,0 +1,223 @@
+"""AutoBatch: from a sizing request to a verified :class:`AutoBatchDecision`.
+
+This module wires the parts together; it holds no arithmetic of its own. NVML (``nvml``), the
+CUDA probe (``probe``) and Ultralytics (``ultralytics_adapter``) are adapters; the search
+(``batch_search``), the curve (``memory_curve``) and the scaling (``scaling``) are pure.
+``GpuBackend`` is the seam tests use to stand in fake GPUs with fake memory curves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any, Protocol
+
+from yolo_batch import __version__, ultralytics_adapter
+from yolo_batch.batch_search import NoBatchFits, round_batch, search_batch
+from yolo_batch.cache import DecisionCache, cache_key, model_fingerprint
+from yolo_batch.config import SizingConfig
+from yolo_batch.data import DatasetInfo, cache_dir, inspect_dataset, resolve_data
+from yolo_batch.decision import AutoBatchDecision, GpuBudget, ProbeSample
+from yolo_batch.devices import DeviceSelection, parse_device
+from yolo_batch.errors import InputError, YoloBatchError
+from yolo_batch.nvml import GpuMemory, NvmlUnavailable, read_gpus
+from yolo_batch.scaling import plan_scaling
+
+log = logging.getLogger(__name__)
+
+
+class BudgetTooSmall(YoloBatchError):
+    """Not even batch 1 fits the memory budget."""
+
+
+class Probe(Protocol):
+    def measure(self, batch: int) -> ProbeSample: ...
+    def close(self) -> None: ...
+
+
+class GpuBackend(Protocol):
+    """What AutoBatch needs from the accelerator runtime."""
+
+    def device_count(self) -> int: ...
+    def init_context(self, index: int) -> int:
+        """Create this process's context on GPU ``index``; return bytes the framework has reserved there."""
+    def make_probe(self, model: Any, nc: int, setup: Any, index: int) -> Probe: ...
+
+
+class TorchCudaBackend:
+    """The real backend: torch CUDA and Ultralytics' DetectionModel."""
+
+    def device_count(self) -> int:
+        from yolo_batch.probe import cuda_device_count
+
+        return cuda_device_count()
+
+    def init_context(self, index: int) -> int:
+        from yolo_batch.probe import cuda_context_bytes, device_for
+
+        return cuda_context_bytes(device_for(index))
+
+    def make_probe(self, model: Any, nc: int, setup: Any, index: int) -> Probe:
+        from yolo_batch.probe import TrainingProbe, device_for
+
+        return TrainingProbe(ultralytics_adapter.detection_model(model, nc, {}), setup, device_for(index))
+
+
+def estimate_batch(
+    config: SizingConfig,
+    *,
+    backend: GpuBackend | None = None,
+    nvml: ModuleType | None = None,
+    cache: DecisionCache | None = None,
+) -> AutoBatchDecision:
+    """Decide the training batch for ``config``: measured on the GPU, or a fallback with its reason.
+
+    Raises:
+        InputError: bad model, data or device.
+        BudgetTooSmall: batch 1 does not fit the memory budget.
+    """
+    backend = backend or TorchCudaBackend()
+    info = inspect_dataset(resolve_data(config.data))
+    model = ultralytics_adapter.load_model(config.model)
+    devices = parse_device(config.device, backend.device_count())
+    cache = cache or DecisionCache(cache_dir() / "autobatch")
+    start = time.perf_counter()  # estimation time, after the inputs are loaded and checked
+
+    if not config.batch.is_auto:
+        if config.batch.fixed % devices.world_size:
+            raise InputError(f"batch {config.batch.fixed} must be a multiple of the {devices.world_size} GPUs")
+        per_device = config.batch.fixed // devices.world_size
+        return _decide(config, info, devices, per_device, "fixed", start, reasons=("batch set by the user",))
+
+    cap = max(info.train_images // devices.world_size, 1)
+    fallback = round_batch(min(config.fallback_batch, cap), config.rounding)
+    default = f"the default batch {fallback}" + (
+        f" (default {config.fallback_batch} rounded {config.rounding.value}, at most {cap} per device"
+        f" for {info.train_images} training images)"
+        if fallback != config.fallback_batch else "")
+    if devices.is_cpu:
+        why = "no CUDA GPU found" if config.device is None else "device is CPU"
+        reason = f"{why}: AutoBatch sizes GPU memory, so {default} is used"
+        return _decide(config, info, devices, fallback, "fallback", start, reasons=(reason,))
+    try:
+        reserved = backend.init_context(devices.cuda[0])
+        gpus = read_gpus(devices.cuda, nvml=nvml)
+    except (NvmlUnavailable, RuntimeError) as exc:  # RuntimeError: the CUDA runtime itself failed to start
+        reason = f"{exc}; using {default}"
+        return _decide(config, info, devices, fallback, "fallback", start, reasons=(reason,))
+
+    budgets, notes = gpu_budgets(gpus, config.batch.fraction, reserved, devices.world_size)
+    tightest = min(budgets, key=lambda g: g.budget_bytes)
+    key = cache_key({
+        "gpu": tightest.name, "total": tightest.total_bytes, "model": model_fingerprint(config.model),
+        "nc": info.nc, "targets": info.worst_case_targets, "imgsz": config.imgsz, "amp": config.amp,
+        "optimizer": config.optimizer, "fraction": config.batch.fraction, "rounding": config.rounding.value,
+        "cap": cap, "world": devices.world_size, "yolo_batch": __version__, **ultralytics_adapter.versions(),
+    })
+    if config.use_cache:
+        cached = cache.load(key)
+        if cached is not None and cached.verified_peak_bytes is not None:
+            if cached.verified_peak_bytes <= tightest.budget_bytes:
+                peak = cached.verified_peak_bytes / 2**30
+                reasons = (*notes, f"cache hit: the verified peak {peak:.2f} GiB fits today's budget")
+                return _decide(config, info, devices, cached.batch, "autobatch", start, reasons=reasons,
+                               gpus=budgets, cached=cached)
+            notes.append("cached decision no longer fits: other processes now hold more memory; re-measuring")
+
+    from yolo_batch.probe import ProbeSetup
+
+    setup = ProbeSetup(imgsz=config.imgsz, amp=config.amp, targets_per_image=info.worst_case_targets, nc=info.nc,
+                       optimizer=config.optimizer, val_images=info.val_images or None)
+    probe = backend.make_probe(model, info.nc, setup, tightest.index)
+    try:
+        result = search_batch(probe.measure, tightest.budget_bytes, cap, config.rounding)
+    except NoBatchFits as exc:
+        raise BudgetTooSmall(
+            f"GPU {tightest.index} ({tightest.name}): {exc}; free memory, lower --imgsz or use a smaller model"
+        ) from None
+    finally:
+        probe.close()
+    decision = _decide(
+        config, info, devices, result.batch, "autobatch", start, reasons=(*notes, *result.reasons), gpus=budgets,
+        predicted=result.predicted_peak, verified=result.verified, probes=result.samples,
+    )
+    cache.store(key, decision)
+    return decision
+
+
+def gpu_budgets(gpus: Sequence[GpuMemory], fraction: float, reserved: int, world_size: int,
+                pid: int | None = None) -> tuple[list[GpuBudget], list[str]]:
+    """Per-GPU budgets: ``fraction`` of the memory free to this run.
+
+    Free to us is NVML's free memory plus what our framework already reserved (its cache is ours
+    to reuse). With several GPUs, each DDP worker creates its own CUDA context, so a context's
+    size (ours, measured) is taken off every GPU first.
+    """
+    pid = os.getpid() if pid is None else pid
+    notes: list[str] = []
+    context = 0
+    if world_size > 1:
+        own = gpus[0].own_bytes(pid)
+        context = max(own - reserved, 0)
+        if own == 0:
+            notes.append("NVML hides per-process memory here; DDP worker contexts not accounted for")
+    budgets = []
+    for gpu in gpus:
+        available = max(gpu.free_bytes + (reserved if gpu is gpus[0] else 0) - context, 0)
+        budgets.append(GpuBudget(
+            index=gpu.index, name=gpu.name, uuid=gpu.uuid, total_bytes=gpu.total_bytes, free_bytes=gpu.free_bytes,
+            own_bytes=gpu.own_bytes(pid), others_bytes=gpu.others_bytes(pid),
+            other_pids=tuple(p.pid for p in gpu.processes if p.pid != pid),
+            budget_bytes=int(available * fraction),
+        ))
+    if len(budgets) > 1:
+        tight = min(budgets, key=lambda g: g.budget_bytes)
+        notes.append(f"per-GPU batch sized by the tightest GPU ({tight.index}, {tight.budget_bytes / 2**30:.2f} GiB)")
+    return budgets, notes
+
+
+def _decide(
+    config: SizingConfig,
+    info: DatasetInfo,
+    devices: DeviceSelection,
+    batch: int,
+    source: str,
+    start: float,
+    *,
+    reasons: Sequence[str] = (),
+    gpus: Sequence[GpuBudget] = (),
+    predicted: float | None = None,
+    verified: ProbeSample | None = None,
+    probes: Sequence[ProbeSample] = (),
+    cached: AutoBatchDecision | None = None,
+) -> AutoBatchDecision:
+    scale = plan_scaling(
+        batch=batch, world_size=devices.world_size, nominal_batch=config.nominal_batch, optimizer=config.optimizer,
+        lr0=config.lr0, momentum=config.momentum, rule=config.lr_scaling, n_train=info.train_images,
+        epochs=config.epochs, nc=info.nc,
+    )
+    notes = list(reasons)
+    if batch < 8:
+        notes.append(f"batch {batch} per device is below 8: BatchNorm statistics from so few images are noisy")
+    decision = AutoBatchDecision(
+        source=source, batch=batch, world_size=devices.world_size, total_batch=scale.total_batch,
+        accumulate=scale.accumulate, effective_batch=scale.effective_batch, nominal_batch=config.nominal_batch,
+        optimizer=scale.optimizer, lr0_before=scale.lr0_before, lr0_after=scale.lr0_after, lr_rule=scale.lr_rule,
+        lr_factor=scale.lr_factor, device=str(devices), model=config.model, imgsz=config.imgsz, amp=config.amp,
+        rounding=config.rounding.value, fraction=config.batch.fraction if config.batch.is_auto else None,
+        dataset_size=info.train_images, max_objects=info.max_objects, gpus=tuple(gpus),
+        budget_bytes=min((g.budget_bytes for g in gpus), default=None),
+        predicted_peak_bytes=int(predicted) if predicted is not None else None,
+        verified_peak_bytes=verified.peak_bytes if verified is not None else None,
+        probes=tuple(probes), pinned=scale.pinned, reasons=(*notes, *scale.reasons),
+    )
+    if cached is not None:
+        decision = dataclasses.replace(
+            decision, cache_hit=True, probes=cached.probes, predicted_peak_bytes=cached.predicted_peak_bytes,
+            verified_peak_bytes=cached.verified_peak_bytes,
+        )
+    return dataclasses.replace(decision, seconds=time.perf_counter() - start)

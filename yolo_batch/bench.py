@@ -1,0 +1,132 @@
+"""``bench autobatch``: our estimator vs Ultralytics' ``check_train_batch_size``, in one run.
+
+Both pick a batch for the same model, data, imgsz and GPU; then each batch is used for real
+(one epoch of training plus validation) while the device's peak is recorded, so the report
+shows the chosen batch, the time spent choosing, the real peak against our budget, and OOMs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.table import Table
+
+from yolo_batch import ultralytics_adapter
+from yolo_batch.autobatch import estimate_batch
+from yolo_batch.config import SizingConfig
+from yolo_batch.data import inspect_dataset, resolve_data
+from yolo_batch.decision import gib
+from yolo_batch.oom import is_oom_error
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    method: str
+    batch: int
+    seconds: float
+    train_peak_bytes: int | None
+    oom: bool
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    device: str
+    model: str
+    imgsz: int
+    budget_bytes: int | None = None
+    rows: tuple[BenchRow, ...] = ()
+    skipped: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "ratios": self.ratios()}
+
+    def ratios(self) -> dict[str, float]:
+        """Ours relative to Ultralytics (time) and to our budget (peak)."""
+        by = {r.method: r for r in self.rows}
+        out: dict[str, float] = {}
+        ours, theirs = by.get("yolo-batch"), by.get("ultralytics")
+        if ours and theirs and theirs.seconds > 0:
+            out["time_ours_over_ultralytics"] = ours.seconds / theirs.seconds
+        if ours and ours.train_peak_bytes and self.budget_bytes:
+            out["peak_over_budget"] = ours.train_peak_bytes / self.budget_bytes
+        return out
+
+    def table(self) -> Table:
+        table = Table(title=f"AutoBatch benchmark: {self.model} imgsz={self.imgsz} on {self.device}",
+                      title_justify="left")
+        for column in ("method", "batch", "seconds", "peak training+val", "peak / our budget", "OOM"):
+            table.add_column(column, justify="right")
+        for r in self.rows:
+            share = f"{r.train_peak_bytes / self.budget_bytes:.0%}" if r.train_peak_bytes and self.budget_bytes else "-"
+            table.add_row(r.method, str(r.batch), f"{r.seconds:.2f}", gib(r.train_peak_bytes), share,
+                          "yes" if r.oom else "no")
+        for name, value in self.ratios().items():
+            table.add_row(name, f"{value:.2f}", "", "", "", "")
+        return table
+
+
+def run_autobatch_bench(config: SizingConfig) -> BenchReport:
+    """Measure both estimators on the first GPU of ``config.device``; says so and stops on a GPU-less machine."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return BenchReport(device="cpu", model=config.model, imgsz=config.imgsz,
+                           skipped="no CUDA GPU on this machine: the AutoBatch benchmark needs one (nothing measured)")
+    data = resolve_data(config.data)
+    info = inspect_dataset(data)
+    config = dataclasses.replace(config, data=data, use_cache=False)
+    ours = estimate_batch(config)
+    device = torch.device("cuda", int(ours.device.split(",")[0]))
+    their_batch, their_seconds = _ultralytics_choice(config, info.worst_case_targets, info.train_images, device)
+    rows = []
+    for method, batch, seconds in (("yolo-batch", ours.total_batch, ours.seconds),
+                                   ("ultralytics", their_batch, their_seconds)):
+        peak, oom = _train_peak(config, batch, device)
+        rows.append(BenchRow(method=method, batch=batch, seconds=seconds, train_peak_bytes=peak, oom=oom))
+    return BenchReport(device=f"{torch.cuda.get_device_name(device)} (cuda:{device.index})", model=config.model,
+                       imgsz=config.imgsz, budget_bytes=ours.budget_bytes, rows=tuple(rows), notes=ours.reasons)
+
+
+def _ultralytics_choice(config: SizingConfig, max_num_obj: int, dataset_size: int, device: Any) -> tuple[int, float]:
+    import torch
+
+    ultralytics_adapter.import_ultralytics()
+    from ultralytics.utils.autobatch import check_train_batch_size
+
+    info = inspect_dataset(config.data)
+    model = ultralytics_adapter.detection_model(ultralytics_adapter.load_model(config.model), info.nc, {}).to(device)
+    torch.backends.cudnn.benchmark = False  # Ultralytics' AutoBatch refuses to run with it on
+    start = time.perf_counter()
+    batch = check_train_batch_size(model, imgsz=config.imgsz, amp=config.amp, batch=-1, max_num_obj=max_num_obj,
+                                   dataset_size=dataset_size)
+    seconds = time.perf_counter() - start
+    del model
+    torch.cuda.empty_cache()
+    return int(batch), seconds
+
+
+def _train_peak(config: SizingConfig, batch: int, device: Any) -> tuple[int | None, bool]:
+    """One epoch of training plus validation at ``batch``; the device's peak reserved memory, and OOM."""
+    import torch
+
+    model = ultralytics_adapter.load_model(config.model)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    with tempfile.TemporaryDirectory() as project:
+        try:
+            with ultralytics_adapter.quiet():
+                ultralytics_adapter.train(model, {
+                    "data": str(config.data), "epochs": 1, "imgsz": config.imgsz, "batch": batch,
+                    "device": str(device.index), "amp": config.amp, "project": project, "name": "bench",
+                    "plots": False, "workers": 4,
+                })
+        except (RuntimeError, MemoryError) as exc:
+            if not is_oom_error(exc):
+                raise
+            return int(torch.cuda.max_memory_reserved(device)), True
+    return int(torch.cuda.max_memory_reserved(device)), False

@@ -1,0 +1,55 @@
+"""Decisions cached on disk, so a second run on the same GPU, model and settings answers at once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from yolo_batch.decision import AutoBatchDecision
+
+log = logging.getLogger(__name__)
+
+
+def model_fingerprint(spec: str) -> str:
+    """A local .pt by content hash; an Ultralytics yaml name by name (its content ships with Ultralytics,
+    whose version is part of the key)."""
+    path = Path(spec)
+    if path.suffix == ".pt" and path.is_file():
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return f"pt:{digest.hexdigest()[:16]}"
+    if path.is_file():  # a user's own yaml file
+        return f"yaml:{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
+    return f"name:{spec}"
+
+
+def cache_key(fields: Mapping[str, Any]) -> str:
+    """Stable hash of the fields that decide peak memory."""
+    return hashlib.sha256(json.dumps(dict(fields), sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class DecisionCache:
+    """A folder of ``<key>.json`` decisions."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def load(self, key: str) -> AutoBatchDecision | None:
+        path = self.folder / f"{key}.json"
+        try:
+            return AutoBatchDecision.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, TypeError, KeyError) as exc:  # a corrupt entry is a miss, not a crash
+            log.warning("ignoring unreadable cache entry %s: %s", path, exc)
+            return None
+
+    def store(self, key: str, decision: AutoBatchDecision) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return decision.save(self.folder / f"{key}.json")

@@ -1,0 +1,123 @@
+"""Typed, validated requests: what the user asked for, parsed once at the edge.
+
+Ultralytics overloads ``batch`` (-1 auto, 0-1 memory fraction, >=1 fixed); :class:`BatchRequest`
+parses that once so nothing deeper has to know the convention.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from yolo_batch.errors import InputError
+
+DEFAULT_FRACTION = 0.90  # of the memory free to us; verification keeps the real peak inside it
+DEFAULT_MODEL = "yolo11n.yaml"
+
+
+class Rounding(str, Enum):
+    """How a memory-derived batch is rounded down."""
+
+    POW2 = "pow2"
+    MULT8 = "mult8"
+    NONE = "none"
+
+
+class LrScaling(str, Enum):
+    """How lr0 follows the effective batch: linear for SGD, square root for Adam-family."""
+
+    AUTO = "auto"
+    LINEAR = "linear"
+    SQRT = "sqrt"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """Either a fixed batch or an AutoBatch request with a memory fraction."""
+
+    fixed: int | None = None
+    fraction: float = DEFAULT_FRACTION
+
+    def __post_init__(self) -> None:
+        if self.fixed is not None and self.fixed < 1:
+            raise InputError(f"batch must be -1 (auto), a fraction in (0, 1] or an integer >= 1, got {self.fixed}")
+        if not (0.0 < self.fraction <= 1.0) or math.isnan(self.fraction):
+            raise InputError(f"memory fraction must be in (0, 1], got {self.fraction}")
+
+    @property
+    def is_auto(self) -> bool:
+        return self.fixed is None
+
+    @classmethod
+    def parse(cls, value: str | int | float) -> BatchRequest:
+        """Parse Ultralytics' convention: ``-1`` auto, ``0.7`` auto at 70 % memory, ``16`` fixed."""
+        text = str(value).strip()
+        try:
+            number = float(text)
+        except ValueError:
+            raise InputError(f"batch must be -1, a fraction in (0, 1] or an integer >= 1, got '{value}'") from None
+        if text.lstrip("+-").isdigit():
+            whole = int(text)
+            if whole == -1:
+                return cls()
+            if whole < 1:
+                raise InputError(f"batch must be -1 (auto), a fraction in (0, 1] or an integer >= 1, got {whole}")
+            return cls(fixed=whole)
+        if not (0.0 < number <= 1.0):
+            raise InputError(f"memory fraction must be in (0, 1], got {text}")
+        return cls(fraction=number)
+
+    def __str__(self) -> str:
+        return str(self.fixed) if self.fixed is not None else f"auto ({self.fraction:.0%} of free memory)"
+
+
+@dataclass(frozen=True)
+class SizingConfig:
+    """Everything that decides a training batch and what follows from it."""
+
+    model: str = DEFAULT_MODEL
+    data: Path | None = None  # None: the embedded synthetic set
+    imgsz: int = 640
+    device: str | None = None
+    batch: BatchRequest = field(default_factory=BatchRequest)
+    rounding: Rounding = Rounding.POW2
+    nominal_batch: int = 64
+    lr_scaling: LrScaling = LrScaling.AUTO
+    optimizer: str = "auto"
+    lr0: float = 0.01
+    momentum: float = 0.937
+    amp: bool = True
+    epochs: int = 100
+    fallback_batch: int = 16  # used where memory cannot be measured (CPU, no NVML)
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.imgsz <= 0 or self.imgsz % 32:
+            raise InputError(f"imgsz must be a positive multiple of 32, got {self.imgsz}")
+        if self.nominal_batch < 1:
+            raise InputError(f"nominal batch must be >= 1, got {self.nominal_batch}")
+        if self.epochs < 1:
+            raise InputError(f"epochs must be >= 1, got {self.epochs}")
+        if self.fallback_batch < 1:
+            raise InputError(f"fallback batch must be >= 1, got {self.fallback_batch}")
+        if not self.lr0 > 0:
+            raise InputError(f"lr0 must be > 0, got {self.lr0}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run: the sizing part plus Ultralytics arguments passed through untouched."""
+
+    sizing: SizingConfig = field(default_factory=SizingConfig)
+    project: str | None = None
+    name: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))

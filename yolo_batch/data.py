@@ -1,0 +1,92 @@
+"""What a dataset holds that sizing needs: class count, image counts, most objects in one image."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from yolo_batch import ultralytics_adapter
+from yolo_batch.errors import InputError
+
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "yolo-batch"
+MOSAIC_FACTOR = 4  # mosaic stitches four images, so one training image can carry four images' objects
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    yaml_path: Path
+    nc: int
+    names: tuple[str, ...]
+    train_images: int
+    val_images: int
+    max_objects: int  # in one source image
+
+    @property
+    def worst_case_targets(self) -> int:
+        """Targets per training image under mosaic, what the loss must be sized for."""
+        return max(self.max_objects, 1) * MOSAIC_FACTOR
+
+
+def cache_dir() -> Path:
+    """Where generated data and cached decisions live (``YOLO_BATCH_CACHE_DIR`` overrides)."""
+    return Path(os.environ.get("YOLO_BATCH_CACHE_DIR") or DEFAULT_CACHE)
+
+
+def resolve_data(data: str | Path | None) -> Path:
+    """The data yaml to use: the given one, or the embedded synthetic set generated on first use."""
+    if data is not None:
+        return Path(data)
+    from yolo_batch_datasets import default_dataset
+
+    return default_dataset(cache_dir() / "datasets")
+
+
+def inspect_dataset(data: str | Path) -> DatasetInfo:
+    """Validate ``data`` with Ultralytics' rules and count what sizing needs.
+
+    Raises:
+        InputError: the yaml or its folders are missing or malformed, or the train split is empty.
+    """
+    resolved = ultralytics_adapter.check_dataset(data)
+    from ultralytics.data.utils import IMG_FORMATS, img2label_paths
+
+    train = _image_files(resolved["train"], IMG_FORMATS)
+    val = _image_files(resolved["val"], IMG_FORMATS)
+    if not train:
+        raise InputError(f"no training images found for {data} (looked in {resolved['train']})")
+    max_objects = 0
+    for label in img2label_paths([str(p) for p in train]):
+        try:
+            with open(label) as f:
+                max_objects = max(max_objects, sum(1 for line in f if line.strip()))
+        except FileNotFoundError:  # an image without labels is a background image
+            continue
+    names = resolved["names"]
+    return DatasetInfo(
+        yaml_path=Path(data).resolve(),
+        nc=int(resolved["nc"]),
+        names=tuple(names.values()) if isinstance(names, dict) else tuple(names),
+        train_images=len(train),
+        val_images=len(val),
+        max_objects=max_objects,
+    )
+
+
+def _image_files(entry: Any, formats: set[str] | frozenset[str]) -> list[Path]:
+    """Images named by a data-yaml split: a folder (recursive), a .txt list, or a list of those."""
+    entries = entry if isinstance(entry, (list, tuple)) else [entry]
+    files: list[Path] = []
+    for item in entries:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(p for p in sorted(path.rglob("*")) if p.suffix[1:].lower() in formats)
+        elif path.is_file() and path.suffix == ".txt":
+            parent = path.parent
+            for line in path.read_text().splitlines():
+                line = line.strip()
+                if line:
+                    candidate = Path(line) if Path(line).is_absolute() else (parent / line)
+                    files.append(candidate)
+    return files

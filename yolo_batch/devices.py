@@ -1,0 +1,59 @@
+"""Which devices a run uses: parsed once from ``--device`` into a typed selection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from yolo_batch.errors import InputError
+
+
+@dataclass(frozen=True)
+class DeviceSelection:
+    """CPU, or one or more CUDA devices by index."""
+
+    cuda: tuple[int, ...]  # empty means CPU
+
+    @property
+    def is_cpu(self) -> bool:
+        return not self.cuda
+
+    @property
+    def world_size(self) -> int:
+        """Processes Ultralytics will train with (DDP when above 1)."""
+        return max(len(self.cuda), 1)
+
+    def as_ultralytics(self) -> str:
+        """The ``device=`` value Ultralytics expects: ``cpu`` or ``0,1``."""
+        return "cpu" if self.is_cpu else ",".join(str(i) for i in self.cuda)
+
+    def __str__(self) -> str:
+        return self.as_ultralytics()
+
+
+def parse_device(text: str | None, cuda_count: int) -> DeviceSelection:
+    """Parse ``--device`` (``cpu``, ``0``, ``0,1``, ``cuda:0``; None picks GPU 0 when present, else CPU).
+
+    Args:
+        text: the user's value.
+        cuda_count: CUDA devices this process can see (``torch.cuda.device_count()``).
+
+    Raises:
+        InputError: unknown device names and indices that do not exist here.
+    """
+    if text is None or text.strip() == "":
+        return DeviceSelection(cuda=(0,) if cuda_count > 0 else ())
+    value = text.strip().lower()
+    if value == "cpu":
+        return DeviceSelection(cuda=())
+    value = value.replace("cuda:", "")
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise InputError(f"unknown device '{text}': use 'cpu', a CUDA index such as '0', or a list such as '0,1'")
+    indices = tuple(int(p) for p in parts)
+    if len(set(indices)) != len(indices):
+        raise InputError(f"device '{text}' lists a GPU twice")
+    missing = [i for i in indices if i >= cuda_count]
+    if missing:
+        seen = f"{cuda_count} CUDA device(s)" if cuda_count else "no CUDA device"
+        raise InputError(f"unknown device '{text}': this machine has {seen}")
+    return DeviceSelection(cuda=indices)

@@ -1,0 +1,115 @@
+"""Training with a decided batch: AutoBatch, then Ultralytics ``model.train`` with what it implies."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from yolo_batch import ultralytics_adapter
+from yolo_batch.autobatch import GpuBackend, estimate_batch
+from yolo_batch.config import SizingConfig, TrainConfig
+from yolo_batch.data import resolve_data
+from yolo_batch.decision import AutoBatchDecision
+from yolo_batch.errors import InputError
+
+log = logging.getLogger(__name__)
+
+DECISION_FILE = "autobatch.json"
+# Pass-through keys that decide the batch and its consequences: lifted into the typed sizing config.
+_LIFTED = {"optimizer": str, "lr0": float, "momentum": float}
+# Keys with an option of their own: setting them twice would be ambiguous.
+_OWN_OPTION = {"batch": "--batch/--auto", "nbs": "--nominal-batch", "imgsz": "--imgsz", "epochs": "--epochs",
+               "device": "--device", "data": "--data", "model": "--model", "project": "--project", "name": "--name"}
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    save_dir: Path
+    decision: AutoBatchDecision
+    decision_path: Path
+    weights: Path | None
+    accumulate: int | None  # what the trainer actually used, for checking against the decision
+
+
+def split_train_args(sizing: SizingConfig, extra: Mapping[str, Any]) -> tuple[SizingConfig, dict[str, Any]]:
+    """Validate pass-through arguments with Ultralytics and lift the sizing ones into ``sizing``.
+
+    Raises:
+        InputError: unknown keys, bad values, or keys that have an option of their own.
+    """
+    for key in extra:
+        if key in _OWN_OPTION:
+            raise InputError(f"'{key}' has its own option: use {_OWN_OPTION[key]} instead of --set {key}=...")
+    values = ultralytics_adapter.validate_train_args(extra)
+    lifted: dict[str, Any] = {k: _LIFTED[k](values.pop(k)) for k in list(values) if k in _LIFTED}
+    if "amp" in values:
+        # Ultralytics also takes amp="fp32" / "bf16"; a string stays in the pass-through for it to read.
+        amp = values["amp"] if isinstance(values["amp"], bool) else str(values["amp"]).lower() != "fp32"
+        if isinstance(values["amp"], bool):
+            values.pop("amp")
+        lifted["amp"] = amp
+    return dataclasses.replace(sizing, **lifted), values
+
+
+def ultralytics_overrides(config: TrainConfig, decision: AutoBatchDecision, data: Path) -> dict[str, Any]:
+    """The one mapping from our config and decision to Ultralytics ``train`` arguments."""
+    sizing = config.sizing
+    overrides: dict[str, Any] = {
+        "data": str(data),
+        "epochs": sizing.epochs,
+        "imgsz": sizing.imgsz,
+        "device": decision.device,
+        "batch": decision.total_batch,
+        "nbs": sizing.nominal_batch,
+        "amp": sizing.amp,
+        "optimizer": sizing.optimizer,
+        "lr0": sizing.lr0,
+        "momentum": sizing.momentum,
+        **config.extra,
+        **decision.pinned,
+    }
+    if config.project is not None:
+        overrides["project"] = config.project
+    if config.name is not None:
+        overrides["name"] = config.name
+    return overrides
+
+
+def train(
+    config: TrainConfig,
+    *,
+    on_decision: Callable[[AutoBatchDecision], None] | None = None,
+    backend: GpuBackend | None = None,
+    nvml: ModuleType | None = None,
+) -> TrainResult:
+    """Decide the batch, then train; ``autobatch.json`` is written into the run folder before epoch 1.
+
+    Raises:
+        InputError: bad model, data, device, batch or pass-through argument (nothing is written).
+    """
+    sizing, extra = split_train_args(config.sizing, config.extra)
+    config = dataclasses.replace(config, sizing=sizing, extra=extra)
+    data = resolve_data(sizing.data)
+    decision = estimate_batch(dataclasses.replace(sizing, data=data), backend=backend, nvml=nvml)
+    if on_decision is not None:
+        on_decision(decision)
+    model = ultralytics_adapter.load_model(sizing.model)
+    seen: dict[str, Any] = {}
+
+    def write_decision(trainer: Any) -> None:
+        seen["accumulate"] = trainer.accumulate
+        decision.save(Path(trainer.save_dir) / DECISION_FILE)
+
+    trainer = ultralytics_adapter.train(model, ultralytics_overrides(config, decision, data), on_start=write_decision)
+    save_dir = Path(trainer.save_dir)
+    decision_path = save_dir / DECISION_FILE
+    if not decision_path.exists():  # DDP runs its callbacks in the worker processes
+        decision.save(decision_path)
+    best = save_dir / "weights" / "best.pt"
+    return TrainResult(save_dir=save_dir, decision=decision, decision_path=decision_path,
+                       weights=best if best.exists() else None, accumulate=seen.get("accumulate"))
