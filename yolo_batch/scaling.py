@@ -102,7 +102,7 @@ def plan_scaling(
         lr_after = base_lr
         shown = optimizer if auto else name
     else:
-        lr_after = round(base_lr * factor, 8)
+        lr_after = base_lr * factor
         reasons.append(
             f"effective batch {effective} != nominal {nominal_batch}: lr0 x{factor:.3g} ({resolved.value} rule)"
         )

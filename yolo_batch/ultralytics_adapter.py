@@ -4,18 +4,20 @@ Public API first (``YOLO``, ``model.train``, ``add_callback``, ``get_cfg``, ``ch
 Two internals are patched, both only to keep runs offline, both checked by
 ``tests/test_ultralytics_adapter.py`` so an Ultralytics upgrade that moves them fails loudly:
 
-* ``ultralytics.utils.plotting.check_font``: would fetch Arial.ttf; we hand it matplotlib's DejaVu Sans.
+* ``check_font`` (in ``ultralytics.utils.checks`` and where it is imported by name: ``utils.plotting``,
+  ``data.utils``): would fetch Arial.ttf; we hand it the user's copy or matplotlib's DejaVu Sans.
 * ``ultralytics.engine.trainer.check_amp``: would download yolo26n.pt; we check AMP without it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import pickle
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -45,11 +47,13 @@ def import_ultralytics() -> ModuleType:
 
 def install_offline_guards() -> None:
     """Replace the two Ultralytics helpers that download at run time (idempotent)."""
+    from ultralytics.data import utils as data_utils
     from ultralytics.engine import trainer
-    from ultralytics.utils import plotting
+    from ultralytics.utils import checks, plotting
 
-    if not getattr(plotting.check_font, _GUARD_MARK, False):
-        plotting.check_font = _mark(_local_font)
+    for module in (checks, plotting, data_utils):
+        if not getattr(module.check_font, _GUARD_MARK, False):
+            module.check_font = _mark(_local_font)
     if not getattr(trainer.check_amp, _GUARD_MARK, False):
         trainer.check_amp = _mark(_offline_check_amp(trainer.check_amp))
 
@@ -151,7 +155,7 @@ def load_model(spec: str) -> Any:
         model = ultralytics.YOLO(str(spec))
     except FileNotFoundError:
         raise InputError(f"unknown model '{spec}': no such Ultralytics yaml or file") from None
-    except (RuntimeError, KeyError, ValueError, OSError, EOFError, pickle.UnpicklingError) as exc:
+    except (RuntimeError, KeyError, TypeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as exc:
         raise InputError(f"cannot load model '{spec}': {one_line(exc)}") from None
     if model.task != "detect":
         raise InputError(f"model '{spec}' is a {model.task} model; yolo-batch trains detection models")
@@ -232,3 +236,74 @@ def versions() -> dict[str, str]:
 
     ultralytics = import_ultralytics()
     return {"ultralytics": ultralytics.__version__, "torch": torch.__version__}
+
+
+# --- Inference (yolo_batch.inference) ------------------------------------------------------------------------------
+# Three more reaches past the public API, checked by tests/test_inference_adapter.py: ``YOLO.model`` (the
+# DetectionModel with ``fuse``, ``stride``, ``names``, ``end2end``), ``ultralytics.utils.nms.non_max_suppression``
+# (what DetectionPredictor.postprocess calls) and ``ultralytics.data.augment.LetterBox`` (only to check our copy).
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceNetwork:
+    """A detection network prepared for inference the way Ultralytics' predictor prepares it."""
+
+    module: Any  # fused, eval mode, gradients off, on its device
+    stride: int
+    names: Mapping[int, str]
+    end2end: bool  # NMS-free head: outputs are already (x1, y1, x2, y2, score, class) rows
+    device: Any
+    half: bool
+    channels_last: bool
+
+
+def inference_network(model: Any, device: Any, half: bool, channels_last: bool | None = None) -> InferenceNetwork:
+    """Fuse Conv+BN of a copy of ``model.model``, move it to ``device`` and set its precision and memory format.
+
+    Args:
+        model: a YOLO object from :func:`load_model`.
+        device: a ``torch.device``.
+        half: FP16 weights (ignored on CPU, where Ultralytics also stays FP32).
+        channels_last: None follows Ultralytics: on for CUDA and for x86 CPUs with oneDNN.
+    """
+    import copy
+    import platform
+
+    import torch
+
+    network = copy.deepcopy(model.model)
+    with quiet():
+        network = network.fuse(verbose=False) if hasattr(network, "fuse") else network
+    half = bool(half) and device.type != "cpu"
+    if channels_last is None:
+        channels_last = device.type == "cuda" or (
+            device.type == "cpu" and platform.machine() in {"AMD64", "x86_64"} and torch.backends.mkldnn.is_available()
+        )
+    network = network.to(device)
+    network = network.half() if half else network.float()
+    network = network.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for parameter in network.parameters():
+        parameter.requires_grad = False
+    network.eval()
+    stride = max(int(network.stride.max()), 32) if hasattr(network, "stride") else 32
+    names = {int(k): str(v) for k, v in dict(getattr(network, "names", {}) or {}).items()}
+    return InferenceNetwork(module=network, stride=stride, names=names, end2end=bool(getattr(network, "end2end", False)),
+                            device=device, half=half, channels_last=bool(channels_last))
+
+
+def non_max_suppression(raw: Any, conf: float, iou: float, classes: Sequence[int] | None, max_det: int,
+                        end2end: bool) -> list[Any]:
+    """Ultralytics' own NMS with DetectionPredictor's arguments: per image an (n, 6) tensor (xyxy, score, class)."""
+    from ultralytics.utils.nms import non_max_suppression as nms
+
+    # A generous time limit: Ultralytics silently truncates NMS after 2 s + 0.05 s/image, which a loaded CPU can hit.
+    return nms(raw, conf, iou, list(classes) if classes else None, False, max_det=max_det, nc=0,
+               end2end=end2end, max_time_img=0.5)
+
+
+def reference_letterbox(image: Any, imgsz: int, stride: int, auto: bool) -> Any:
+    """Ultralytics' LetterBox as the predictor builds it (for checking our copy in tests)."""
+    import_ultralytics()
+    from ultralytics.data.augment import LetterBox
+
+    return LetterBox(imgsz, auto=auto, stride=stride)(image=image)

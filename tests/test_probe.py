@@ -1,0 +1,69 @@
+"""The probe's real training steps, run on CPU (peak memory needs CUDA; the steps do not)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from yolo_batch import ultralytics_adapter
+from yolo_batch.probe import ProbeSetup, TrainingProbe, synthetic_batch
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ultralytics_adapter.detection_model(ultralytics_adapter.load_model("yolo11n.yaml"), nc=3, hyp={})
+
+
+def setup(**kw) -> ProbeSetup:
+    return ProbeSetup(**{"imgsz": 64, "amp": False, "targets_per_image": 12, "nc": 3, "optimizer": "SGD", **kw})
+
+
+def test_synthetic_batch_carries_worst_case_targets():
+    batch = synthetic_batch(3, setup(), torch.device("cpu"))
+    assert batch["img"].shape == (3, 3, 64, 64)
+    assert batch["bboxes"].shape == (36, 4) and batch["cls"].shape == (36, 1)
+    assert torch.bincount(batch["batch_idx"].long()).tolist() == [12, 12, 12]
+    assert batch["cls"].max() < 3 and batch["bboxes"].min() > 0 and batch["bboxes"].max() < 1
+
+
+def test_train_steps_use_the_real_loss_and_update_weights(model):
+    probe = TrainingProbe(model, setup(), torch.device("cpu"))
+    before = [p.detach().clone() for p in probe.model.parameters()]
+    loss = probe.train_steps(2)
+    assert torch.isfinite(torch.tensor(loss)) and loss > 0
+    changed = sum(not torch.equal(a, b) for a, b in zip(before, probe.model.parameters()))
+    assert changed > len(before) // 2
+    assert len(probe.optimizer.state) > 0  # optimizer state exists, as in training
+    probe.close()
+
+
+def test_measure_on_cpu_runs_train_and_val_without_peaks(model):
+    probe = TrainingProbe(model, setup(val_images=3), torch.device("cpu"))
+    sample = probe.measure(2)
+    assert sample.batch == 2 and sample.val_batch == 3  # 2x train batch, capped by the val split
+    assert not sample.oom and sample.peak_bytes is None and sample.seconds > 0
+    probe.close()
+
+
+def test_oom_is_reported_in_the_sample_and_the_probe_recovers(model, monkeypatch):
+    probe = TrainingProbe(model, setup(), torch.device("cpu"))
+    real = probe.train_steps
+    calls = []
+
+    def flaky(batch, steps=2):
+        calls.append(batch)
+        if batch >= 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(batch, steps)
+
+    monkeypatch.setattr(probe, "train_steps", flaky)
+    assert probe.measure(4).oom
+    assert not probe.measure(2).oom
+    assert calls == [4, 2]
+
+
+def test_other_errors_propagate(model, monkeypatch):
+    probe = TrainingProbe(model, setup(), torch.device("cpu"))
+    monkeypatch.setattr(probe, "train_steps", lambda b, steps=2: (_ for _ in ()).throw(RuntimeError("shape bug")))
+    with pytest.raises(RuntimeError, match="shape bug"):
+        probe.measure(2)
