@@ -204,12 +204,12 @@ def bench_autobatch(as_json: bool, **opts: Any) -> None:
     report = run_autobatch_bench(config.sizing)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
+    elif report.skipped:
+        click.echo(report.skipped)
     else:
         from rich.console import Console
 
         Console().print(report.table())
-    if report.skipped:
-        click.echo(report.skipped, err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover
