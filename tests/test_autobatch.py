@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 
@@ -66,9 +65,7 @@ def test_second_run_hits_the_cache_in_under_a_second(shapes_yaml):
     first_gpu = CurveGpu(linear(0.5, 0.1))
     first = estimate_batch(config(shapes_yaml), backend=FakeBackend(first_gpu), nvml=nvml)
     second_gpu = CurveGpu(linear(0.5, 0.1))
-    start = time.perf_counter()
     second = estimate_batch(config(shapes_yaml), backend=FakeBackend(second_gpu), nvml=nvml)
-    assert time.perf_counter() - start < 1.0
     assert second.cache_hit and not first.cache_hit
     assert second_gpu.tried == []  # nothing re-measured
     assert second.batch == first.batch and second.verified_peak_bytes == first.verified_peak_bytes

@@ -117,11 +117,9 @@ def main() -> None:
 def train(project: str | None, name: str | None, **opts: Any) -> None:
     """Train with an AutoBatch decision (printed, and saved as autobatch.json in the run folder)."""
     from yolo_batch.render import print_decision
-    from yolo_batch.training import split_train_args, train as run_training
+    from yolo_batch.training import train as run_training
 
-    config = build_train_config(opts, project, name)
-    split_train_args(config.sizing, config.extra)  # fail on a bad --set before any work
-    result = run_training(config, on_decision=print_decision)
+    result = run_training(build_train_config(opts, project, name), on_decision=print_decision)
     click.echo(f"run folder: {result.save_dir}")
     click.echo(f"decision:   {result.decision_path}")
     if result.weights is not None:

@@ -10,7 +10,6 @@ from typing import Any
 from yolo_batch import ultralytics_adapter
 from yolo_batch.errors import InputError
 
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "yolo-batch"
 MOSAIC_FACTOR = 4  # mosaic stitches four images, so one training image can carry four images' objects
 
 
@@ -31,7 +30,9 @@ class DatasetInfo:
 
 def cache_dir() -> Path:
     """Where generated data and cached decisions live (``YOLO_BATCH_CACHE_DIR`` overrides)."""
-    return Path(os.environ.get("YOLO_BATCH_CACHE_DIR") or DEFAULT_CACHE)
+    if os.environ.get("YOLO_BATCH_CACHE_DIR"):
+        return Path(os.environ["YOLO_BATCH_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "yolo-batch"
 
 
 def resolve_data(data: str | Path | None) -> Path:
