@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from yolo_batch import __version__, ultralytics_adapter
 from yolo_batch.batch_search import NoBatchFits, round_batch, search_batch
+from yolo_batch.batchnorm import choose_bn_policy
 from yolo_batch.cache import DecisionCache, cache_key, model_fingerprint
 from yolo_batch.config import SizingConfig
 from yolo_batch.data import DatasetInfo, cache_dir, inspect_dataset, resolve_data
@@ -94,6 +95,8 @@ def estimate_batch(
         return _decide(config, info, devices, per_device, "fixed", start, reasons=("batch set by the user",))
 
     cap = max(info.train_images // devices.world_size, 1)
+    if config.max_batch is not None:
+        cap = min(cap, config.max_batch)  # a profile's cap per device (medical: 2)
     fallback = round_batch(min(config.fallback_batch, cap), config.rounding)
     default = f"the default batch {fallback}" + (
         f" (default {config.fallback_batch} rounded {config.rounding.value}, at most {cap} per device"
@@ -201,14 +204,19 @@ def _decide(
         epochs=config.epochs, nc=info.nc,
     )
     notes = list(reasons)
-    if batch < 8:
-        notes.append(f"batch {batch} per device is below 8: BatchNorm statistics from so few images are noisy")
+    if source != "fixed" and config.max_batch is not None:
+        notes.append(f"capped at {config.max_batch} per device by the {config.profile} profile")
+    bn = choose_bn_policy(config.bn, batch, devices.world_size, config.starts_from_weights)
+    if bn.warning is not None:
+        log.warning(bn.warning)
+        notes.append(bn.warning)
     decision = AutoBatchDecision(
         source=source, batch=batch, world_size=devices.world_size, total_batch=scale.total_batch,
         accumulate=scale.accumulate, effective_batch=scale.effective_batch, nominal_batch=config.nominal_batch,
         optimizer=scale.optimizer, lr0_before=scale.lr0_before, lr0_after=scale.lr0_after, lr_rule=scale.lr_rule,
         lr_factor=scale.lr_factor, device=str(devices), model=config.model, imgsz=config.imgsz, amp=config.amp,
         rounding=config.rounding.value, fraction=config.batch.fraction if config.batch.is_auto else None,
+        profile=config.profile, bn_policy=bn.policy.value, bn_reason=bn.reason,
         dataset_size=info.train_images, max_objects=info.max_objects, gpus=tuple(gpus),
         budget_bytes=min((g.budget_bytes for g in gpus), default=None),
         predicted_peak_bytes=int(predicted) if predicted is not None else None,

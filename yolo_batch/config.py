@@ -37,6 +37,15 @@ class LrScaling(str, Enum):
     NONE = "none"
 
 
+class BnPolicy(str, Enum):
+    """What BatchNorm does during training (``--bn``); see :mod:`yolo_batch.batchnorm`."""
+
+    AUTO = "auto"  # decided from the per-device batch, the GPU count and whether training starts from weights
+    TRAIN = "train"  # Ultralytics' behaviour: batch statistics, running statistics updated
+    FREEZE = "freeze"  # running statistics kept (eval mode); affine weights still learn
+    SYNC = "sync"  # SyncBatchNorm across the GPUs of a multi-GPU run
+
+
 @dataclass(frozen=True)
 class BatchRequest:
     """Either a fixed batch or an AutoBatch request with a memory fraction."""
@@ -96,6 +105,10 @@ class SizingConfig:
     epochs: int = 100
     fallback_batch: int = 16  # used where memory cannot be measured (CPU, no NVML)
     use_cache: bool = True
+    max_batch: int | None = None  # AutoBatch (and the fallback) never go above this per device; None: no cap
+    bn: BnPolicy = BnPolicy.AUTO
+    from_weights: bool | None = None  # training starts from weights; None: when the model is a .pt
+    profile: str = "default"  # the profile these settings came from (named in the decision's reasons)
 
     def __post_init__(self) -> None:
         if self.imgsz <= 0 or self.imgsz % 32:
@@ -108,6 +121,13 @@ class SizingConfig:
             raise InputError(f"fallback batch must be >= 1, got {self.fallback_batch}")
         if not self.lr0 > 0:
             raise InputError(f"lr0 must be > 0, got {self.lr0}")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise InputError(f"max batch must be >= 1, got {self.max_batch}")
+
+    @property
+    def starts_from_weights(self) -> bool:
+        """Whether training starts from trained weights (a .pt model, unless told otherwise)."""
+        return self.from_weights if self.from_weights is not None else Path(self.model).suffix == ".pt"
 
 
 @dataclass(frozen=True)
@@ -118,6 +138,12 @@ class TrainConfig:
     project: str | None = None
     name: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    image_window: tuple[float, float] | None = None  # 16-bit/float intensity window; None: each image's min-max
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
+        if self.image_window is not None:
+            low, high = (float(v) for v in self.image_window)
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise InputError(f"image window must be two finite numbers, low < high, got {list(self.image_window)}")
+            object.__setattr__(self, "image_window", (low, high))

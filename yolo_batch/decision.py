@@ -68,6 +68,9 @@ class AutoBatchDecision:
     amp: bool
     rounding: str
     fraction: float | None = None
+    profile: str | None = None  # None in records written before profiles existed
+    bn_policy: str | None = None  # "train" | "freeze" | "sync" (never "auto": the policy applied)
+    bn_reason: str | None = None
     dataset_size: int | None = None
     max_objects: int | None = None
     gpus: tuple[GpuBudget, ...] = ()
@@ -124,6 +127,10 @@ class AutoBatchDecision:
             ("model / imgsz / amp", f"{self.model} / {self.imgsz} / {self.amp}"),
             ("rounding", self.rounding),
         ]
+        if self.profile is not None:
+            rows.append(("profile", self.profile))
+        if self.bn_policy is not None:
+            rows.append(("BatchNorm", f"{self.bn_policy}: {self.bn_reason}"))
         if self.dataset_size is not None:
             rows.append(("train images / max objects", f"{self.dataset_size} / {self.max_objects}"))
         for gpu in self.gpus:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from rich.console import Console, Group
 from rich.table import Table
 
 from yolo_batch.decision import AutoBatchDecision
+
+if TYPE_CHECKING:
+    from yolo_batch.profiles import Profile
 
 
 def decision_table(decision: AutoBatchDecision) -> Group:
@@ -28,3 +34,22 @@ def decision_table(decision: AutoBatchDecision) -> Group:
 
 def print_decision(decision: AutoBatchDecision, console: Console | None = None) -> None:
     (console or Console()).print(decision_table(decision))
+
+
+def profiles_table(profiles: Sequence[Profile]) -> Group:
+    """Every setting of every profile side by side (blank: Ultralytics' own default), then what each is for."""
+    table = Table(title="Profiles (yolo-batch profiles show NAME prints one as YAML)", title_justify="left")
+    table.add_column("setting", style="bold")
+    for profile in profiles:
+        table.add_column(profile.name)
+    settings = [p.settings() for p in profiles]
+    keys = list(dict.fromkeys(key for rows in settings for key in rows))
+    keys.sort(key=lambda k: (k.startswith("infer."), k.startswith("train.args.")))  # stable: sections in order
+    for key in keys:
+        table.add_row(key, *(rows.get(key, "") for rows in settings))
+    about = Table(show_header=False, box=None, padding=(0, 1))
+    about.add_column("name", style="bold")
+    about.add_column("description", overflow="fold")
+    for profile in profiles:
+        about.add_row(profile.name, profile.description)
+    return Group(table, about)

@@ -10,9 +10,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from yolo_batch import ultralytics_adapter
+from yolo_batch import batchnorm, ultralytics_adapter
 from yolo_batch.autobatch import GpuBackend, estimate_batch
-from yolo_batch.config import SizingConfig, TrainConfig
+from yolo_batch.config import BnPolicy, SizingConfig, TrainConfig
 from yolo_batch.data import resolve_data
 from yolo_batch.decision import AutoBatchDecision
 from yolo_batch.errors import InputError
@@ -53,6 +53,8 @@ def split_train_args(sizing: SizingConfig, extra: Mapping[str, Any]) -> tuple[Si
         if isinstance(values["amp"], bool):
             values.pop("amp")
         lifted["amp"] = amp
+    if "pretrained" in values:  # stays in the pass-through; the BatchNorm policy needs to know
+        lifted["from_weights"] = batchnorm.starts_from_weights(sizing.model, values["pretrained"])
     return dataclasses.replace(sizing, **lifted), values
 
 
@@ -105,7 +107,13 @@ def train(
         seen["accumulate"] = trainer.accumulate
         decision.save(Path(trainer.save_dir) / DECISION_FILE)
 
-    trainer = ultralytics_adapter.train(model, ultralytics_overrides(config, decision, data), on_start=write_decision)
+    if decision.bn_policy is not None:
+        batchnorm.attach(model, BnPolicy(decision.bn_policy))
+    reader_hook = ultralytics_adapter.DeepImagesInWorkers(config.image_window)
+    model.add_callback(reader_hook.event, reader_hook)
+    with ultralytics_adapter.deep_image_reader(config.image_window):  # 16-bit images scaled, not truncated
+        trainer = ultralytics_adapter.train(model, ultralytics_overrides(config, decision, data),
+                                            on_start=write_decision)
     save_dir = Path(trainer.save_dir)
     decision_path = save_dir / DECISION_FILE
     if not decision_path.exists():  # DDP runs its callbacks in the worker processes

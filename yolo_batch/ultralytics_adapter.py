@@ -287,8 +287,9 @@ def inference_network(model: Any, device: Any, half: bool, channels_last: bool |
     network.eval()
     stride = max(int(network.stride.max()), 32) if hasattr(network, "stride") else 32
     names = {int(k): str(v) for k, v in dict(getattr(network, "names", {}) or {}).items()}
-    return InferenceNetwork(module=network, stride=stride, names=names, end2end=bool(getattr(network, "end2end", False)),
-                            device=device, half=half, channels_last=bool(channels_last))
+    return InferenceNetwork(module=network, stride=stride, names=names,
+                            end2end=bool(getattr(network, "end2end", False)), device=device, half=half,
+                            channels_last=bool(channels_last))
 
 
 def non_max_suppression(raw: Any, conf: float, iou: float, classes: Sequence[int] | None, max_det: int,
@@ -307,3 +308,92 @@ def reference_letterbox(image: Any, imgsz: int, stride: int, auto: bool) -> Any:
     from ultralytics.data.augment import LetterBox
 
     return LetterBox(imgsz, auto=auto, stride=stride)(image=image)
+
+
+# --- Deep images for training (yolo_batch.images) ------------------------------------------------------------------
+# One more reach past the public API, checked by tests/test_images.py: ``ultralytics.data.base.imread``, the name
+# through which BaseDataset.load_image (and its RAM/disk caches) reads every training and validation image.
+# Ultralytics keeps the high byte of 16-bit images; ours scales them (and float TIFFs) with images.to_uint8.
+
+_DEEP_SUFFIXES = (".png", ".tif", ".tiff")  # the formats that carry more than 8 bits per sample in practice
+
+
+class DeepImageReader:
+    """Ultralytics' ``imread``, except that PNG and TIFF images deeper than 8 bits are scaled to 8 bits by their own
+    range (or ``window``) instead of keeping the high byte. 8-bit images go to Ultralytics' reader untouched."""
+
+    def __init__(self, original: Callable[..., Any], window: tuple[float, float] | None = None) -> None:
+        self.original = original
+        self.window = window
+
+    def __call__(self, filename: str | Path, flags: int | None = None) -> Any:
+        import cv2
+        import numpy as np
+
+        from yolo_batch.images import png_bit_depth, to_uint8
+
+        flags = cv2.IMREAD_COLOR if flags is None else flags
+        name = str(filename)
+        if not name.lower().endswith(_DEEP_SUFFIXES):
+            return self.original(filename, flags=flags)
+        try:
+            with open(name, "rb") as f:
+                header = f.read(26)
+                if name.lower().endswith(".png") and (png_bit_depth(header) or 8) <= 8:
+                    return self.original(filename, flags=flags)  # the common case: one header read, one decode
+                data = np.frombuffer(header + f.read(), np.uint8)
+        except OSError:
+            return self.original(filename, flags=flags)  # missing or unreadable: Ultralytics reports it its own way
+        raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None  # first page of a TIFF
+        if raw is None or raw.dtype == np.uint8:
+            return self.original(filename, flags=flags)
+        channels = {cv2.IMREAD_GRAYSCALE: 1, cv2.IMREAD_COLOR: 3}.get(flags)
+        image = to_uint8(raw, self.window, channels)
+        return image[..., None] if image.ndim == 2 else image  # Ultralytics' reader always returns 3 dimensions
+
+
+@contextlib.contextmanager
+def deep_image_reader(window: tuple[float, float] | None = None) -> Iterator[DeepImageReader]:
+    """Read training images through :class:`DeepImageReader` inside the block; Ultralytics' reader is restored after.
+
+    Install it before ``model.train``: dataloader workers fork when the loader is built and keep what they saw.
+    """
+    import_ultralytics()
+    from ultralytics.data import base
+
+    original = base.imread
+    reader = DeepImageReader(getattr(original, "original", original), window)
+    base.imread = reader
+    try:
+        yield reader
+    finally:
+        base.imread = original
+
+
+class DeepImagesInWorkers:
+    """A do-nothing trainer callback that carries the reader into DDP workers.
+
+    Ultralytics pickles the model's callbacks into each DDP worker process; unpickling this object installs
+    :class:`DeepImageReader` there (for the whole worker process, which only trains), before the worker builds
+    its datasets. In the process that called ``model.train`` it does nothing: :func:`deep_image_reader` is active.
+    """
+
+    event = "on_pretrain_routine_start"
+
+    def __init__(self, window: tuple[float, float] | None = None) -> None:
+        self.window = window
+
+    def __call__(self, trainer: Any) -> None:
+        pass
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return _install_in_worker, (self.window,)
+
+
+def _install_in_worker(window: tuple[float, float] | None) -> DeepImagesInWorkers:
+    import_ultralytics()
+    from ultralytics.data import base
+
+    if not isinstance(base.imread, DeepImageReader):
+        base.imread = DeepImageReader(base.imread, window)
+    return DeepImagesInWorkers(window)

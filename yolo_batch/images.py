@@ -1,0 +1,102 @@
+"""Deep and grey images as the 8-bit, 3-channel arrays YOLO trains and predicts on, without silent truncation.
+
+Ultralytics' reader keeps the high byte of a 16-bit image (``>> 8``), so a 12-bit scan stored in 16 bits
+(values 0..4095) becomes 0..15: almost black. Here an image deeper than 8 bits is scaled to 0..255 by
+
+* **a window** ``(low, high)`` in the image's own units when one is given (a profile's ``image_window``):
+  values at or below ``low`` become 0, at or above ``high`` 255, linear in between; or
+* **the image's own range** (min..max over all channels together, so colours keep their balance). A flat
+  image has no range: it becomes its value's high byte (uint16) or its value clipped to 0..255.
+
+8-bit images are never rescaled. Grey images are repeated into 3 channels (BGR), an alpha channel is
+dropped. The same function serves training (installed into Ultralytics' loader by
+:func:`yolo_batch.ultralytics_adapter.deep_image_reader`) and inference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import cv2
+import numpy as np
+
+Window = tuple[float, float]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def to_uint8(image: np.ndarray, window: Window | None = None, channels: int | None = 3) -> np.ndarray:
+    """An image of any depth as uint8, with ``channels`` channels.
+
+    Args:
+        image: an OpenCV decode: (H, W) or (H, W, C) with C in 1..4; uint8, uint16, signed ints or floats.
+        window: ``(low, high)`` for images deeper than 8 bits; None scales by the image's own min..max.
+        channels: 3 for BGR (grey repeated, alpha dropped), 1 for grey as (H, W), None to keep the channels.
+
+    Raises:
+        ValueError: a window with ``low >= high`` or non-finite ends, a shape that is not an image, or
+            ``channels`` other than 1, 3 or None.
+        TypeError: an array that is neither numbers nor booleans.
+    """
+    if image.ndim not in (2, 3) or (image.ndim == 3 and not 1 <= image.shape[2] <= 4):
+        raise ValueError(f"expected an (H, W) or (H, W, 1..4) image, got shape {image.shape}")
+    if channels not in (1, 3, None):
+        raise ValueError(f"channels must be 1, 3 or None, got {channels}")
+    if image.dtype.kind not in "uifb":
+        raise TypeError(f"expected a numeric image, got dtype {image.dtype}")
+    if image.dtype != np.uint8:
+        image = _scale(image, window)
+    return _channels(image, channels)
+
+
+def _scale(image: np.ndarray, window: Window | None) -> np.ndarray:
+    values = image if image.dtype.kind in "iub" else np.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)
+    if window is not None:
+        low, high = check_window(window)
+    else:
+        low, high = float(values.min()), float(values.max())
+        if high <= low:  # flat: there is no range to stretch
+            value = int(low) >> 8 if image.dtype == np.uint16 else int(np.clip(low, 0, 255))
+            return np.full(image.shape, value, np.uint8)
+    scaled = (values.astype(np.float32) - low) * (255.0 / (high - low))
+    return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
+
+
+def _channels(image: np.ndarray, channels: int | None) -> np.ndarray:
+    if channels is None:
+        return image
+    grey = image if image.ndim == 2 else image[..., 0] if image.shape[2] <= 2 else None
+    if channels == 1:
+        if grey is not None:
+            return np.ascontiguousarray(grey)
+        return cv2.cvtColor(np.ascontiguousarray(image[..., :3]), cv2.COLOR_BGR2GRAY)
+    if grey is not None:
+        return cv2.cvtColor(np.ascontiguousarray(grey), cv2.COLOR_GRAY2BGR)
+    return np.ascontiguousarray(image[..., :3])
+
+
+def check_window(window: Iterable[float]) -> Window:
+    """``(low, high)`` as two finite floats with ``low < high``.
+
+    Raises:
+        ValueError: anything else.
+    """
+    values = tuple(window)
+    if len(values) != 2:
+        raise ValueError(f"a window is two numbers [low, high], got {list(values)}")
+    low, high = (float(v) for v in values)
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"a window needs finite low < high, got [{low:g}, {high:g}]")
+    return low, high
+
+
+def png_bit_depth(header: bytes) -> int | None:
+    """Bits per sample of a PNG from its first 26 bytes (None when ``header`` is not a PNG)."""
+    if len(header) < 26 or not header.startswith(PNG_SIGNATURE) or header[12:16] != b"IHDR":
+        return None
+    return header[24]
+
+
+def all_square(sizes: Iterable[tuple[int, int]]) -> bool:
+    """Whether every (width, height) is square (True for none)."""
+    return all(width == height for width, height in sizes)

@@ -1,0 +1,51 @@
+"""Pipelined batch inference: ``yolo-batch infer`` and the engine a later HTTP service reuses.
+
+Public API::
+
+    from yolo_batch.inference import InferConfig, run_inference, Engine
+
+    summary = run_inference(InferConfig(sources=("images/",), model="best.pt", out=Path("out")))
+
+Stages: discover (:mod:`.sources`) -> decode (:mod:`.decode`, thread pool) -> letterbox (:mod:`.letterbox`)
+-> shape buckets (:mod:`.buckets`) -> pinned host batch -> forward + NMS on the device (:mod:`.engine`)
+-> writer thread (:mod:`.writers`), joined by bounded queues (:mod:`.pipeline`). ``results.jsonl`` is the
+resume journal. ``--batch auto`` is :mod:`.auto_batch`; out-of-memory splitting is :mod:`.oom_split`.
+"""
+
+from __future__ import annotations
+
+from yolo_batch.inference.auto_batch import AutoBatchChoice, ThroughputSample, choose_batch
+from yolo_batch.inference.buckets import PaddingStats, ShapeBuckets
+from yolo_batch.inference.config import BatchSetting, InferConfig, OutputFormat, default_workers
+from yolo_batch.inference.decode import DecodedImage, DecodeError, FailureKind, ImageReader
+from yolo_batch.inference.engine import Detection, Engine, NmsSettings
+from yolo_batch.inference.letterbox import Letterbox, plan_letterbox
+from yolo_batch.inference.pipeline import Pipeline, PipelineStats
+from yolo_batch.inference.runner import InferenceSummary, run_inference
+from yolo_batch.inference.sources import discover
+
+__all__ = [
+    "AutoBatchChoice",
+    "BatchSetting",
+    "DecodeError",
+    "DecodedImage",
+    "Detection",
+    "Engine",
+    "FailureKind",
+    "ImageReader",
+    "InferConfig",
+    "InferenceSummary",
+    "Letterbox",
+    "NmsSettings",
+    "OutputFormat",
+    "PaddingStats",
+    "Pipeline",
+    "PipelineStats",
+    "ShapeBuckets",
+    "ThroughputSample",
+    "choose_batch",
+    "default_workers",
+    "discover",
+    "plan_letterbox",
+    "run_inference",
+]

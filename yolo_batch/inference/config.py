@@ -1,0 +1,136 @@
+"""What an inference run was asked to do: one frozen, validated :class:`InferConfig`."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from yolo_batch.config import DEFAULT_MODEL
+from yolo_batch.errors import InputError
+
+DEFAULT_OUT = Path("runs/infer")
+MAX_FILE_BYTES = 512 << 20  # a larger image file is treated as a mistake, not decoded
+MAX_PIXELS = 178_956_970  # Pillow's decompression-bomb limit: a 3-channel decode would need ~0.5 GB
+
+
+class OutputFormat(str, Enum):
+    """Result files besides the journal (results.jsonl is always written: resume reads it)."""
+
+    JSONL = "jsonl"
+    CSV = "csv"
+    YOLO_TXT = "yolo-txt"
+
+
+def default_workers(cpu_count: int | None = None, on_gpu: bool = False) -> int:
+    """Decode threads: on a GPU box every core but one decodes; on CPU the forward pass needs the cores,
+    and decoding is a few per cent of its cost, so a quarter of them (at least one) keeps it ahead."""
+    cores = cpu_count or os.cpu_count() or 1
+    if on_gpu:
+        return max(1, min(cores - 1, 16))
+    return max(1, cores // 4)
+
+
+@dataclass(frozen=True)
+class BatchSetting:
+    """``--batch``: a fixed size, or ``auto`` (throughput measured at growing sizes)."""
+
+    fixed: int | None = 16  # None: auto
+
+    def __post_init__(self) -> None:
+        if self.fixed is not None and (isinstance(self.fixed, bool) or self.fixed < 1):
+            raise InputError(f"batch must be 'auto' or an integer >= 1, got {self.fixed}")
+
+    @property
+    def is_auto(self) -> bool:
+        return self.fixed is None
+
+    @classmethod
+    def parse(cls, value: str | int) -> BatchSetting:
+        text = str(value).strip().lower()
+        if text == "auto":
+            return cls(fixed=None)
+        if not text.lstrip("+").isdigit():
+            raise InputError(f"batch must be 'auto' or an integer >= 1, got '{value}'")
+        return cls(fixed=int(text))
+
+    def __str__(self) -> str:
+        return "auto" if self.fixed is None else str(self.fixed)
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """One ``yolo-batch infer`` run. Validated on construction (:class:`InputError` for bad values)."""
+
+    sources: tuple[str, ...]
+    model: str = DEFAULT_MODEL
+    out: Path = DEFAULT_OUT
+    batch: BatchSetting = field(default_factory=BatchSetting)
+    imgsz: int = 640
+    device: str | None = None
+    half: bool | None = None  # None: FP16 on a GPU, FP32 on CPU
+    conf: float = 0.25
+    iou: float = 0.7
+    max_det: int = 300
+    classes: tuple[int, ...] | None = None
+    workers: int | None = None  # None: default_workers()
+    threads: int | None = None  # torch threads per inference stream; None: 1 on CPU, torch's default on GPU
+    streams: int | None = None  # parallel inference streams; None: one per core on CPU (/threads), 1 on GPU
+    formats: tuple[OutputFormat, ...] = (OutputFormat.JSONL,)
+    save_annotated: bool = False
+    max_latency_ms: float | None = None  # per batch, for --batch auto
+    image_window: tuple[float, float] | None = None  # 16-bit/float images (a profile's); None: own min..max
+    overwrite: bool = False
+    max_file_bytes: int = MAX_FILE_BYTES
+    max_pixels: int = MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", tuple(str(s) for s in self.sources))
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "formats", tuple(dict.fromkeys(OutputFormat(f) for f in self.formats)))
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
+        if not self.sources:
+            raise InputError("no SOURCE given: pass a folder, a glob or a text file listing image paths")
+        if self.imgsz < 32 or self.imgsz % 32:
+            raise InputError(f"imgsz must be a multiple of 32 and at least 32, got {self.imgsz}")
+        _check_fraction("conf", self.conf)
+        _check_fraction("iou", self.iou)
+        if self.max_det < 1:
+            raise InputError(f"max-det must be >= 1, got {self.max_det}")
+        if self.classes is not None and any(c < 0 for c in self.classes):
+            raise InputError(f"classes must be class ids >= 0, got {list(self.classes)}")
+        for name in ("workers", "threads", "streams"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"{name} must be >= 1, got {value}")
+        if self.max_latency_ms is not None and not (self.max_latency_ms > 0 and math.isfinite(self.max_latency_ms)):
+            raise InputError(f"max-latency-ms must be a positive number, got {self.max_latency_ms}")
+        if self.max_latency_ms is not None and not self.batch.is_auto:
+            raise InputError("--max-latency-ms applies to --batch auto only")
+        if self.max_file_bytes < 1 or self.max_pixels < 1:
+            raise InputError("file and pixel limits must be >= 1")
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that change what the results say: a resumed run must use the same ones."""
+        return {"model": self.model, "imgsz": self.imgsz, "conf": self.conf, "iou": self.iou,
+                "max_det": self.max_det, "classes": list(self.classes) if self.classes is not None else None,
+                "image_window": list(self.image_window) if self.image_window is not None else None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sources": list(self.sources), "model": self.model, "out": str(self.out), "batch": str(self.batch),
+            "imgsz": self.imgsz, "device": self.device, "half": self.half, "conf": self.conf, "iou": self.iou,
+            "max_det": self.max_det, "classes": list(self.classes) if self.classes is not None else None,
+            "workers": self.workers, "threads": self.threads, "streams": self.streams,
+            "formats": [f.value for f in self.formats],
+            "save_annotated": self.save_annotated, "max_latency_ms": self.max_latency_ms, "overwrite": self.overwrite,
+        }
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not (0.0 <= value <= 1.0) or math.isnan(value):
+        raise InputError(f"{name} must be in [0, 1], got {value}")

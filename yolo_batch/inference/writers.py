@@ -1,0 +1,261 @@
+"""Result files, and the journal that makes a run resumable.
+
+``results.jsonl`` is the journal: one complete line per image, appended and flushed once per batch,
+after that batch's CSV rows, label files and annotated copies. So a line there means the image is
+fully written, and on a rerun :func:`read_journal` gives the images to skip. A ``kill -9`` can leave
+a torn last line (or, from a crash elsewhere, a garbled one); it is dropped and the file rewritten,
+and the image is simply processed again. CSV rows whose image has no journal line are dropped too.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import IO, Any
+
+import cv2
+import numpy as np
+
+from yolo_batch.inference.config import OutputFormat
+from yolo_batch.inference.engine import Detection
+
+log = logging.getLogger(__name__)
+
+
+class OutputFile(str, Enum):
+    RESULTS = "results.jsonl"
+    ERRORS = "errors.jsonl"
+    CSV = "results.csv"
+    LABELS = "labels"
+    ANNOTATED = "annotated"
+    SUMMARY = "summary.json"
+    MANIFEST = "run.json"
+
+
+CSV_HEADER = ("path", "width", "height", "class_id", "name", "confidence", "x1", "y1", "x2", "y2")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image's result line."""
+
+    path: str
+    width: int
+    height: int
+    detections: tuple[Detection, ...]
+    timing_ms: Mapping[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "width": self.width, "height": self.height,
+                "detections": [d.to_dict() for d in self.detections],
+                "timing_ms": {k: round(v, 3) for k, v in self.timing_ms.items()}}
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """One file that produced no result."""
+
+    path: str
+    kind: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "kind": self.kind, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class JournalState:
+    """What an earlier run of the same output folder already finished."""
+
+    done: frozenset[str]
+    detections: int
+    dropped_lines: int  # torn, garbled or duplicate lines removed from the file
+
+
+def read_journal(path: Path) -> JournalState:
+    """Read ``results.jsonl``, repairing it in place when lines must be dropped."""
+    if not path.exists():
+        return JournalState(done=frozenset(), detections=0, dropped_lines=0)
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]  # text after the last newline was being written when the run died
+    kept: list[bytes] = []
+    done: set[str] = set()
+    detections = 0
+    dropped = 1 if tail.strip() else 0
+    for line in complete:
+        record = _parse(line)
+        if record is None or record["path"] in done:
+            dropped += 1 if line.strip() else 0
+            continue
+        done.add(record["path"])
+        detections += len(record["detections"])
+        kept.append(line)
+    if dropped or (raw and not raw.endswith(b"\n")):
+        log.warning("%s: dropped %d torn, garbled or duplicate line(s); those images run again", path, dropped)
+        _atomic_write(path, b"".join(line + b"\n" for line in kept))
+    return JournalState(done=frozenset(done), detections=detections, dropped_lines=dropped)
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+        return None
+    if not isinstance(record.get("detections"), list):
+        return None
+    return record
+
+
+def repair_csv(path: Path, done: frozenset[str]) -> int:
+    """Keep the header and the rows of journaled images; returns the number of rows dropped."""
+    if not path.exists():
+        return 0
+    text = path.read_text(encoding="utf-8", errors="replace")
+    rows = list(csv.reader(io.StringIO(text)))
+    kept = [r for r in rows[1:] if len(r) == len(CSV_HEADER) and r[0] in done]
+    complete = text.endswith("\n") or not text
+    dropped = len(rows) - 1 - len(kept) if rows else 0
+    if dropped or not complete or (rows and tuple(rows[0]) != CSV_HEADER):
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(CSV_HEADER)
+        writer.writerows(kept)
+        _atomic_write(path, buffer.getvalue().encode())
+    return max(dropped, 0)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class ResultWriter:
+    """Appends results per batch in journal-safe order. Used by one thread (the writer stage).
+
+    Args:
+        out_dir: the run's output folder (exists).
+        formats: extra formats besides the journal.
+        save_annotated: write a copy of each image with its boxes drawn.
+        relative: path -> name under labels/ and annotated/ (see :func:`sources.relative_names`).
+    """
+
+    def __init__(self, out_dir: Path, formats: Iterable[OutputFormat], save_annotated: bool,
+                 relative: Mapping[str, str]) -> None:
+        self.out_dir = out_dir
+        self.formats = frozenset(formats)
+        self.save_annotated = save_annotated
+        self.relative = relative
+        self._results: IO[str] | None = None
+        self._errors: IO[str] | None = None
+        self._csv: IO[str] | None = None
+        self._csv_writer: Any = None
+
+    def __enter__(self) -> ResultWriter:
+        self._results = open(self.out_dir / OutputFile.RESULTS.value, "a", encoding="utf-8")
+        self._errors = open(self.out_dir / OutputFile.ERRORS.value, "a", encoding="utf-8")
+        if OutputFormat.CSV in self.formats:
+            csv_path = self.out_dir / OutputFile.CSV.value
+            fresh = not csv_path.exists() or csv_path.stat().st_size == 0
+            self._csv = open(csv_path, "a", encoding="utf-8", newline="")
+            self._csv_writer = csv.writer(self._csv, lineterminator="\n")
+            if fresh:
+                self._csv_writer.writerow(CSV_HEADER)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in (self._csv, self._errors, self._results):
+            if handle is not None:
+                handle.close()
+        self._results = self._errors = self._csv = None
+
+    def write_batch(self, records: Sequence[ImageRecord], images: Mapping[str, np.ndarray] | None = None) -> None:
+        """Everything for one batch; the journal lines go last, so they only exist for complete images."""
+        if self._results is None:
+            raise RuntimeError("ResultWriter used outside its 'with' block")
+        if self._csv is not None:
+            for record in records:
+                self._csv_writer.writerows(_csv_rows(record))
+            self._csv.flush()
+        if OutputFormat.YOLO_TXT in self.formats:
+            for record in records:
+                self._write_label(record)
+        if self.save_annotated and images:
+            for record in records:
+                if record.path in images:
+                    self._write_annotated(record, images[record.path])
+        self._results.write("".join(json.dumps(r.to_dict()) + "\n" for r in records))
+        self._results.flush()
+
+    def write_failure(self, failure: FailureRecord) -> None:
+        if self._errors is None:
+            raise RuntimeError("ResultWriter used outside its 'with' block")
+        self._errors.write(json.dumps(failure.to_dict()) + "\n")
+        self._errors.flush()
+
+    def _target(self, folder: OutputFile, path: str, suffix: str | None = None) -> Path:
+        name = Path(self.relative.get(path, os.path.basename(path)))
+        target = self.out_dir / folder.value / (name.with_suffix(suffix) if suffix else name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def _write_label(self, record: ImageRecord) -> None:
+        lines = []
+        for d in record.detections:
+            x1, y1, x2, y2 = d.box
+            cx, cy = (x1 + x2) / 2 / record.width, (y1 + y2) / 2 / record.height
+            w, h = (x2 - x1) / record.width, (y2 - y1) / record.height
+            lines.append(f"{d.class_id} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f} {d.confidence:.6f}\n")
+        self._target(OutputFile.LABELS, record.path, ".txt").write_text("".join(lines))
+
+    def _write_annotated(self, record: ImageRecord, image: np.ndarray) -> None:
+        target = self._target(OutputFile.ANNOTATED, record.path)
+        if not cv2.imwrite(str(target), draw_detections(image, record.detections)):
+            cv2.imwrite(str(target.with_suffix(".png")), draw_detections(image, record.detections))
+
+
+def _csv_rows(record: ImageRecord) -> list[list[Any]]:
+    return [[record.path, record.width, record.height, d.class_id, d.name, f"{d.confidence:.6f}",
+             *(f"{v:.2f}" for v in d.box)] for d in record.detections]
+
+
+def draw_detections(image: np.ndarray, detections: Sequence[Detection]) -> np.ndarray:
+    """A copy of ``image`` with boxes and ``name score`` labels."""
+    out = image.copy()
+    thickness = max(1, round(sum(out.shape[:2]) / 600))
+    for d in detections:
+        color = _color(d.class_id)
+        x1, y1, x2, y2 = (int(round(v)) for v in d.box)
+        cv2.rectangle(out, (x1, y1), (x2, y2), color, thickness, cv2.LINE_AA)
+        label = f"{d.name} {d.confidence:.2f}"
+        scale = thickness / 3
+        (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, max(thickness - 1, 1))
+        top = max(y1 - th - 4, 0)
+        cv2.rectangle(out, (x1, top), (x1 + tw + 2, top + th + 4), color, -1)
+        cv2.putText(out, label, (x1 + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
+                    max(thickness - 1, 1), cv2.LINE_AA)
+    return out
+
+
+def _color(class_id: int) -> tuple[int, int, int]:
+    # golden-ratio hue steps: neighbouring class ids get clearly different colours
+    hue = int((class_id * 0.618033988749895 % 1.0) * 180)
+    hsv = np.uint8([[[hue, 200, 230]]])
+    b, g, r = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0]
+    return int(b), int(g), int(r)
