@@ -37,24 +37,31 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
+def copy_subset(name: str, folder: Path, n_train: int | None = None, n_val: int | None = None) -> Path:
+    """Copy (part of) a shared set into ``folder``/``name``; returns its data.yaml.
+
+    Ultralytics writes label caches beside the labels, so tests never train on the shared folder itself.
+    """
+    source = shared_dataset(name)
+    target = folder / name
+    for split, limit in (("train", n_train), ("val", n_val)):
+        (target / "images" / split).mkdir(parents=True, exist_ok=True)
+        (target / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for image in sorted((source / "images" / split).iterdir())[:limit]:
+            shutil.copy(image, target / "images" / split / image.name)
+            label = source / "labels" / split / (image.stem + ".txt")
+            if label.exists():
+                shutil.copy(label, target / "labels" / split / label.name)
+    shutil.copy(source / "data.yaml", target / "data.yaml")
+    return target / "data.yaml"
+
+
 @pytest.fixture
 def copy_shared(tmp_path: Path) -> Callable[..., Path]:
-    """Copy (part of) a shared set into tmp, since Ultralytics writes label caches beside the labels."""
+    """``copy_shared(name, n_train, n_val)``: a private copy of (part of) a shared set."""
 
     def copy(name: str, n_train: int | None = None, n_val: int | None = None) -> Path:
-        source = shared_dataset(name)
-        target = tmp_path / name
-        for split, limit in (("train", n_train), ("val", n_val)):
-            images = sorted((source / "images" / split).iterdir())[:limit]
-            (target / "images" / split).mkdir(parents=True, exist_ok=True)
-            (target / "labels" / split).mkdir(parents=True, exist_ok=True)
-            for image in images:
-                shutil.copy(image, target / "images" / split / image.name)
-                label = source / "labels" / split / (image.stem + ".txt")
-                if label.exists():
-                    shutil.copy(label, target / "labels" / split / label.name)
-        shutil.copy(source / "data.yaml", target / "data.yaml")
-        return target / "data.yaml"
+        return copy_subset(name, tmp_path, n_train, n_val)
 
     return copy
 

@@ -6,7 +6,6 @@ import inspect
 import json
 import logging
 import pickle
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +15,7 @@ import yaml
 from click.testing import CliRunner
 from torch import nn
 
-from conftest import shared_dataset
+from conftest import copy_subset
 from trainer_spy import TrainerSpy
 from yolo_batch import ultralytics_adapter as ua
 from yolo_batch.batchnorm import (
@@ -208,18 +207,7 @@ TINY = ["--imgsz", "64", "--set", "plots=False", "--set", "workers=0"]
 @pytest.fixture(scope="module")
 def bccd(tmp_path_factory) -> Path:
     """64 training and 8 validation images of BCCD (640x480 blood smears)."""
-    source = shared_dataset("bccd")
-    target = tmp_path_factory.mktemp("bccd") / "bccd"
-    for split, limit in (("train", 64), ("val", 8)):
-        for folder in ("images", "labels"):
-            (target / folder / split).mkdir(parents=True)
-        for image in sorted((source / "images" / split).iterdir())[:limit]:
-            shutil.copy(image, target / "images" / split / image.name)
-            label = source / "labels" / split / (image.stem + ".txt")
-            if label.exists():
-                shutil.copy(label, target / "labels" / split / label.name)
-    shutil.copy(source / "data.yaml", target / "data.yaml")
-    return target / "data.yaml"
+    return copy_subset("bccd", tmp_path_factory.mktemp("bccd"), n_train=64, n_val=8)
 
 
 @pytest.fixture(scope="module")
