@@ -53,8 +53,8 @@ def inspect_dataset(data: str | Path) -> DatasetInfo:
     resolved = ultralytics_adapter.check_dataset(data)
     from ultralytics.data.utils import IMG_FORMATS, img2label_paths
 
-    train = _image_files(resolved["train"], IMG_FORMATS)
-    val = _image_files(resolved["val"], IMG_FORMATS)
+    train = image_files(resolved["train"], IMG_FORMATS)
+    val = image_files(resolved["val"], IMG_FORMATS)
     if not train:
         raise InputError(f"no training images found for {data} (looked in {resolved['train']})")
     max_objects = 0
@@ -75,7 +75,7 @@ def inspect_dataset(data: str | Path) -> DatasetInfo:
     )
 
 
-def _image_files(entry: Any, formats: set[str] | frozenset[str]) -> list[Path]:
+def image_files(entry: Any, formats: set[str] | frozenset[str]) -> list[Path]:
     """Images named by a data-yaml split: a folder (recursive), a .txt list, or a list of those."""
     entries = entry if isinstance(entry, (list, tuple)) else [entry]
     files: list[Path] = []

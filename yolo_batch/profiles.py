@@ -365,9 +365,9 @@ def _square_images(data: Path | None) -> bool:
     from ultralytics.data.utils import IMG_FORMATS
 
     from yolo_batch import ultralytics_adapter
-    from yolo_batch.data import _image_files  # the same listing inspect_dataset counts
+    from yolo_batch.data import image_files  # the same listing inspect_dataset counts
 
-    files = _image_files(ultralytics_adapter.check_dataset(data)["train"], IMG_FORMATS)
+    files = image_files(ultralytics_adapter.check_dataset(data)["train"], IMG_FORMATS)
     step = max(len(files) // _RECT_SAMPLE, 1)
     sizes = []
     for path in files[::step][:_RECT_SAMPLE]:
