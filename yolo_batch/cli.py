@@ -388,5 +388,120 @@ def bench_infer(source: str, repeats: int, as_json: bool, **opts: Any) -> None:
         Console().print(report.table())
 
 
+# --- serve ---------------------------------------------------------------------------------------------------------
+
+
+def _env_help(name: str, text: str) -> str:
+    """An option's help with the environment variable that sets it too."""
+    return f"{text} [env YOLO_BATCH_{name.upper()}]"
+
+
+def serve_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``serve``'s options; each defaults to None (not given), so the environment and the profile can fill it."""
+    def opt(flag: str, name: str, text: str, **kwargs: Any) -> Callable[..., Any]:
+        return click.option(flag, name, default=None, help=_env_help(name, text), **kwargs)
+
+    options = [
+        opt("--model", "model", "A local .pt file or an Ultralytics yaml name (required)."),
+        opt("--host", "host", "Address to bind. Default 127.0.0.1 (this machine only)."),
+        opt("--port", "port", "Port. Default 8000.", type=int),
+        opt("--max-batch", "max_batch",
+            "Images per forward pass: N or 'auto' (measured). Default: the profile's (16)."),
+        opt("--max-delay-ms", "max_delay_ms", "Longest wait of the oldest queued image for its batch. Default 5.",
+            type=float),
+        opt("--queue-size", "queue_size", "Images accepted and not yet answered; beyond it 429. Default 1024.",
+            type=int),
+        opt("--timeout-ms", "timeout_ms", "Per request, arrival to answer; beyond it 504. Default 2000.", type=float),
+        opt("--workers", "workers", "Decode threads. Default: as infer (cores-1 on a GPU, cores/4 on CPU).", type=int),
+        opt("--threads", "threads", "Torch threads per inference stream. Default 1 on CPU.", type=int),
+        opt("--streams", "streams", "Batches run side by side. Default: one per core on CPU, 1 on a GPU.", type=int),
+        opt("--profile", "profile", "default, medical, inspection or a profile .yaml (its infer section).",
+            metavar="NAME|PATH.yaml"),
+        opt("--imgsz", "imgsz", "Long side after letterboxing. Default 640.", type=int),
+        opt("--device", "device", "'cpu' or one GPU such as '0'. Default: GPU 0 if present."),
+        click.option("--half/--no-half", "half", default=None, help=_env_help("half", "FP16 (default: on a GPU).")),
+        opt("--conf", "conf", "Confidence threshold. Default 0.25.", type=float),
+        opt("--iou", "iou", "NMS IoU threshold. Default 0.7.", type=float),
+        opt("--max-det", "max_det", "Most detections per image. Default 300.", type=int),
+        click.option("--classes", multiple=True, callback=_parse_classes, metavar="IDS",
+                     help=_env_help("classes", "Keep only these class ids: '0,2' or repeated.")),
+        opt("--max-latency-ms", "max_latency_ms", "Per-batch latency limit for --max-batch auto.", type=float),
+        opt("--token-file", "token_file", "File holding the bearer token (or set YOLO_BATCH_TOKEN); then every "
+            "route but /healthz needs 'Authorization: Bearer <token>'.", type=click.Path(path_type=Path)),
+        opt("--max-body-bytes", "max_body_bytes", "Largest request body; beyond it 413.", type=int),
+        opt("--max-image-bytes", "max_image_bytes", "Largest encoded image; beyond it 413.", type=int),
+        opt("--max-pixels", "max_pixels", "Largest decoded image (width x height); beyond it 413.", type=int),
+        opt("--max-images", "max_images", "Most images in one request; beyond it 413. Default 64.", type=int),
+        opt("--watch", "watch", "Hot folder: process files that appear in it (with --out).",
+            type=click.Path(path_type=Path)),
+        opt("--out", "out", "Where the hot folder's results.jsonl and errors.jsonl go.",
+            type=click.Path(path_type=Path)),
+        opt("--poll-ms", "poll_ms", "Hot folder scan interval. Default 250.", type=float),
+        opt("--grace-s", "grace_s", "On SIGTERM, time for queued work to finish. Default 30.", type=float),
+        opt("--log-level", "log_level", "debug, info, warning or error. Default info."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@serve_options
+@command
+def serve(**opts: Any) -> None:
+    """Serve detections over HTTP with dynamic batching (and a hot folder with --watch).
+
+    POST /v1/detect with an image body (or multipart files) answers with infer's results.jsonl records;
+    GET /healthz, /readyz, /metrics (Prometheus), /v1/info, /openapi.json. Settings also come from
+    YOLO_BATCH_* environment variables (an option given here wins). SIGTERM: stop accepting, finish
+    queued work within --grace-s, exit 0.
+    """
+    import logging
+
+    from yolo_batch.serving import resolve
+    from yolo_batch.serving import serve as run_service
+
+    opts["classes"] = opts["classes"] or None
+    config = resolve(opts)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    code = run_service(config)
+    if code:
+        raise click.exceptions.Exit(code)
+
+
+@bench.command("serve")
+@click.argument("source")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="A local .pt file or an Ultralytics yaml name.")
+@click.option("--imgsz", type=int, default=640, show_default=True)
+@click.option("--device", default=None, help="'cpu' or one GPU such as '0'. Default: GPU 0 if present.")
+@click.option("--max-batch", type=int, default=16, show_default=True,
+              help="The service's max batch (and infer's batch).")
+@click.option("--max-delay-ms", type=float, default=5.0, show_default=True)
+@click.option("--requests", type=int, default=400, show_default=True, help="Timed requests (one image each).")
+@click.option("--concurrency", type=int, default=16, show_default=True, help="Client threads, each with a connection.")
+@click.option("--warmup", "warmup_requests", type=int, default=32, show_default=True, help="Untimed requests first.")
+@click.option("--offline-rounds", type=int, default=2, show_default=True, help="Offline infer runs; the best counts.")
+@click.option("--workers", type=int, default=None, help="Decode threads (both sides).")
+@click.option("--threads", type=int, default=None, help="Torch threads per inference stream (both sides).")
+@click.option("--streams", type=int, default=None, help="Inference streams (both sides).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@command
+def bench_serve(source: str, as_json: bool, **opts: Any) -> None:
+    """A bounded load on 'yolo-batch serve' over loopback vs offline infer on the same images."""
+    from rich.console import Console
+
+    from yolo_batch.serving.bench import ServeBenchConfig, run_serve_bench
+    from yolo_batch.ultralytics_adapter import quiet as quiet_ultralytics
+
+    config = ServeBenchConfig(source=source, **opts)
+    err = Console(stderr=True)
+    with quiet_ultralytics():
+        report = run_serve_bench(config, on_stage=None if as_json else (lambda text: err.print(f"bench serve: {text}")))
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        Console().print(report.table())
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -160,7 +160,24 @@ class ImageReader:
             DecodeError: missing, unreadable, empty, too large, not an image, truncated or corrupt.
         """
         start = time.perf_counter()
-        data = self._read_bytes(path)
+        return self.read_bytes(self._read_bytes(path), path, start)
+
+    def read_bytes(self, data: bytes, path: str, start: float | None = None) -> DecodedImage:
+        """Decode an image held in memory (the service's request bodies), with the same limits and errors.
+
+        Args:
+            path: the name the image goes by in results and errors.
+            start: ``time.perf_counter()`` when reading began (decode time counts from it); default now.
+
+        Raises:
+            DecodeError: empty, too large, not an image, truncated or corrupt.
+        """
+        start = time.perf_counter() if start is None else start
+        if not data:
+            raise DecodeError(FailureKind.EMPTY, "empty image (0 bytes)")
+        if len(data) > self.limits.max_file_bytes:
+            raise DecodeError(FailureKind.TOO_LARGE, f"image too large: {len(data)} bytes "
+                                                     f"(limit {self.limits.max_file_bytes})")
         try:
             image, depth = self._decode(data)
         except cv2.error as exc:  # OpenCV's own limits and codec failures

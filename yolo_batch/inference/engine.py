@@ -7,7 +7,9 @@ scaling) but on batches of one shape, from pinned host memory, with NMS on the d
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +57,10 @@ class Engine:
         self.network = network
         self.imgsz = imgsz
         self.nms = nms
+        self._local = threading.local()
+        self._owner: threading.Thread | None = None  # the thread running network.module itself
+        self._template: Any = None  # a copy never run, so never caught mid-update: other threads copy it
+        self._copy_lock = threading.Lock()
 
     @classmethod
     def load(cls, model: str, device: Any, half: bool, imgsz: int, nms: NmsSettings,
@@ -122,7 +128,29 @@ class Engine:
             x = x.permute(0, 3, 1, 2).flip(1)  # NHWC BGR -> NCHW RGB, on the device
             x = (x.half() if net.half else x.float()).div_(255)
             x = x.contiguous(memory_format=torch.channels_last if net.channels_last else torch.contiguous_format)
-            return net.module(x), (int(x.shape[2]), int(x.shape[3]))
+            return self.thread_module()(x), (int(x.shape[2]), int(x.shape[3]))
+
+    def thread_module(self) -> Any:
+        """The network for the calling thread.
+
+        Ultralytics' Detect head caches the anchors of the last input shape in module attributes
+        (``Detect.shape``, ``anchors``, ``strides``), so two threads running one module on different shapes
+        can decode boxes with each other's anchors. One thread runs the loaded module; every other thread
+        alive at the same time gets its own copy, made from a template copied before the first forward pass
+        (weights are small next to a batch's activations).
+        """
+        module = getattr(self._local, "module", None)
+        if module is None:
+            with self._copy_lock:
+                if self._template is None:
+                    self._template = copy.deepcopy(self.network.module)
+                if self._owner is None or not self._owner.is_alive():
+                    self._owner = threading.current_thread()
+                    module = self.network.module
+                else:
+                    module = copy.deepcopy(self._template)
+            self._local.module = module
+        return module
 
     def postprocess(self, raw: Any, plans: Sequence[Letterbox], shape: tuple[int, int]) -> list[list[Detection]]:
         import torch

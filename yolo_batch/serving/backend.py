@@ -1,0 +1,204 @@
+"""The service's model side, made of the infer pipeline's parts: decode, letterbox, shape buckets, engine, OOM split.
+
+:meth:`DetectorBackend.prepare` runs in decode threads (bytes -> letterboxed image); :meth:`DetectorBackend.process`
+is the batcher's ``process``: it groups a batch by letterboxed shape (as infer's buckets do), runs each group
+through :class:`~yolo_batch.inference.engine.Engine` with :func:`~yolo_batch.inference.oom_split.run_with_split`,
+and returns one result per item, or an :class:`OutOfMemoryAlone` for an image that does not fit even alone.
+So a request's detections equal ``yolo-batch infer``'s on the same file.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from yolo_batch.inference.auto_batch import AutoBatchChoice, measure_engine
+from yolo_batch.inference.decode import DecodeLimits, DecoderChoice, ImageReader, choose_jpeg_decoder
+from yolo_batch.inference.engine import Detection, Engine, NmsSettings
+from yolo_batch.inference.letterbox import Letterbox
+from yolo_batch.inference.oom_split import BatchSize, OutOfMemoryAlone, run_with_split
+from yolo_batch.inference.runner import cpu_parallelism, resolve_device
+from yolo_batch.serving.config import ServeConfig
+
+log = logging.getLogger(__name__)
+
+_AUTO_CAP = {"cuda": 64, "cpu": 32}  # as infer's --batch auto
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One decoded, letterboxed image waiting for a batch."""
+
+    name: str
+    width: int
+    height: int
+    pixels: np.ndarray  # letterboxed, uint8 BGR
+    plan: Letterbox
+    decode_ms: float
+    letterbox_ms: float
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """One image's detections and the forward pass that produced them."""
+
+    detections: tuple[Detection, ...]
+    batch: int  # images of its shape in the dispatched batch (run together unless an OOM split them)
+    inference_ms: float  # that forward pass + NMS, per image
+
+
+class Backend(Protocol):
+    """What the service needs from a model (tests may pass a fake to :func:`~yolo_batch.serving.app.create_app`)."""
+
+    streams: int  # batches run side by side
+    on_oom: Callable[[], None] | None  # set by the service (metrics)
+
+    @property
+    def batch_size(self) -> Callable[[], int]:
+        """The current max batch (it may shrink after an out-of-memory split)."""
+        ...
+
+    def warm_up(self) -> None: ...
+
+    def prepare(self, data: bytes, name: str) -> Prepared: ...
+
+    def process(self, items: Sequence[Prepared]) -> list[ItemResult | BaseException]: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+class DetectorBackend:
+    """A loaded :class:`Engine` with the service's reader, batch size and CPU parallelism.
+
+    Args:
+        engine: the loaded model.
+        config: the service's settings.
+        on_oom: called after each out-of-memory error (metrics), after the device cache is released.
+    """
+
+    def __init__(self, engine: Engine, config: ServeConfig, on_oom: Callable[[], None] | None = None) -> None:
+        self.engine = engine
+        self.config = config
+        self.on_oom = on_oom
+        on_gpu = engine.device.type == "cuda"
+        self.threads, self.streams = cpu_parallelism(config, on_gpu)  # type: ignore[arg-type]  # reads threads, streams
+        self.reader = ImageReader(DecodeLimits(config.max_image_bytes, config.max_pixels), window=config.image_window)
+        self.batch_size = BatchSize(config.max_batch.fixed or 1)
+        self.decoder = DecoderChoice(name="opencv", ms_per_image={})
+        self.batch_choice: AutoBatchChoice | None = None
+        self.warmup_s = 0.0
+        self._saved_threads: int | None = None
+
+    @classmethod
+    def load(cls, config: ServeConfig) -> DetectorBackend:
+        """Resolve the device and load the model (never downloading); torch threads are set for the service.
+
+        Raises:
+            InputError: unknown or unreadable model, unknown device.
+        """
+        import torch
+
+        device = resolve_device(config.device)
+        half = bool(config.half if config.half is not None else device.type == "cuda")
+        if half and device.type == "cpu":
+            log.warning("half ignored on CPU: PyTorch CPU inference runs in FP32")
+            half = False
+        engine = Engine.load(config.model, device, half, config.imgsz,
+                             NmsSettings(config.conf, config.iou, config.max_det, config.classes))
+        backend = cls(engine, config)
+        if device.type == "cpu" or config.threads is not None:
+            backend._saved_threads = torch.get_num_threads()
+            torch.set_num_threads(backend.threads)  # process-wide: restored by close()
+        return backend
+
+    def warm_up(self) -> None:
+        """Choose the JPEG decoder, run one untimed forward pass, and measure ``max_batch auto``."""
+        start = time.perf_counter()
+        square = np.full((self.config.imgsz, self.config.imgsz, 3), 114, np.uint8)
+        sample = _sample_jpeg(self.config.imgsz)
+        self.decoder, jpeg = choose_jpeg_decoder([sample])
+        self.reader = ImageReader(self.reader.limits, jpeg, self.reader.window)
+        pixels, plan = self.engine.prepare(square)
+        self.engine.warmup(plan.out)
+        if self.config.max_batch.is_auto:
+            cap = _AUTO_CAP.get(self.engine.device.type, 32)
+            self.batch_choice = measure_engine(self.engine, [pixels], [plan], cap, self.config.max_latency_ms)
+            self.batch_size = BatchSize(self.batch_choice.batch)
+            log.info("max batch (auto): %d - %s", self.batch_choice.batch, self.batch_choice.reason)
+        self.warmup_s = time.perf_counter() - start
+
+    def prepare(self, data: bytes, name: str) -> Prepared:
+        """Decode and letterbox one image (thread-safe).
+
+        Raises:
+            DecodeError: empty, too large, not an image, truncated or corrupt.
+        """
+        decoded = self.reader.read_bytes(data, name)
+        t0 = time.perf_counter()
+        pixels, plan = self.engine.prepare(decoded.pixels)
+        return Prepared(name=name, width=decoded.width, height=decoded.height, pixels=pixels, plan=plan,
+                        decode_ms=decoded.decode_s * 1e3, letterbox_ms=(time.perf_counter() - t0) * 1e3)
+
+    def process(self, items: Sequence[Prepared]) -> list[ItemResult | BaseException]:
+        """The batcher's ``process``: detections per item, in order (see the module docstring)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(item.plan.out, []).append(i)
+        out: list[ItemResult | BaseException] = [RuntimeError("not run")] * len(items)
+        for indices in groups.values():
+            group = [items[i] for i in indices]
+            t0 = time.perf_counter()
+            outcomes = run_with_split(group, self._run, self.batch_size, on_oom=self._after_oom)
+            per_image_ms = (time.perf_counter() - t0) * 1e3 / len(group)
+            for i, outcome in zip(indices, outcomes):
+                out[i] = outcome if isinstance(outcome, OutOfMemoryAlone) else ItemResult(
+                    detections=tuple(outcome), batch=len(group), inference_ms=per_image_ms)
+        return out
+
+    def _run(self, chunk: Sequence[Prepared]) -> list[list[Detection]]:
+        return self.engine.run(self.engine.collate([p.pixels for p in chunk]), [p.plan for p in chunk])
+
+    def _after_oom(self) -> None:
+        self.engine.release()
+        if self.on_oom is not None:
+            self.on_oom()
+
+    def info(self) -> dict[str, Any]:
+        """Model, device and batch settings for /v1/info."""
+        return {
+            "device": str(self.engine.device), "precision": self.engine.precision, "imgsz": self.engine.imgsz,
+            "classes": {int(k): v for k, v in self.engine.names.items()}, "max_batch": self.batch_size(),
+            "max_batch_setting": str(self.config.max_batch),
+            "batch_choice": self.batch_choice.to_dict() if self.batch_choice else None,
+            "oom_events": [e.to_dict() for e in self.batch_size.events], "streams": self.streams,
+            "threads": self.threads, "decoder": self.decoder.name, "warmup_s": round(self.warmup_s, 3),
+        }
+
+    def close(self) -> None:
+        """Give cached device memory back and restore torch's thread count."""
+        try:
+            self.engine.release()
+        finally:
+            if self._saved_threads is not None:
+                import torch
+
+                torch.set_num_threads(self._saved_threads)
+                self._saved_threads = None
+
+
+def _sample_jpeg(size: int) -> bytes:
+    """A textured JPEG to time the decoders on (the service has no files of its own to sample)."""
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), (5, 5), 0)
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:
+        raise RuntimeError("OpenCV could not encode the decoder sample")
+    return encoded.tobytes()
