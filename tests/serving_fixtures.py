@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,6 +34,26 @@ def until(condition: Callable[[], Any], timeout: float = WAIT_S, what: str = "co
             return value
         assert time.monotonic() < deadline, f"{what} not reached within {timeout:.0f} s"
         time.sleep(0.01)
+
+
+def free_port() -> int:
+    """A port nothing listens on, on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_status(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Poll ``url`` until it answers 200; fail at once with the server's log if the process died."""
+
+    def answered() -> bool:
+        assert process.poll() is None, log.read_text()
+        try:
+            return httpx.get(url, timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    until(answered, timeout=timeout, what=f"{url} 200")
 
 
 class LiveServer:

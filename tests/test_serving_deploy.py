@@ -32,7 +32,7 @@ import tomllib
 import yaml
 from conftest import ROOT
 from inference_fixtures import detector  # noqa: F401 (fixture)
-from serving_fixtures import until
+from serving_fixtures import free_port, until, wait_for_status
 
 from yolo_batch.serving.config import SETTINGS, TOKEN_ENV
 
@@ -199,7 +199,7 @@ def test_the_image_command_runs_from_the_wheel_in_a_fresh_venv(dockerfile, detec
     entrypoint = [i for i in stage if i.keyword == "ENTRYPOINT"][-1].exec_form()
     command = [i for i in stage if i.keyword == "CMD"][-1].exec_form()
     command[command.index("--host") + 1] = "127.0.0.1"  # tests listen on loopback only
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("YOLO_BATCH_")}
     env.update(env_of(stage))
     env.update(YOLO_BATCH_MODEL=str(detector), YOLO_BATCH_PORT=str(port), YOLO_BATCH_DEVICE="cpu",
@@ -211,14 +211,7 @@ def test_the_image_command_runs_from_the_wheel_in_a_fresh_venv(dockerfile, detec
     try:
         url = f"http://127.0.0.1:{port}"
 
-        def healthy() -> bool:
-            assert process.poll() is None, log.read_text()
-            try:
-                return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        until(healthy, timeout=120, what="/healthz 200")
+        wait_for_status(f"{url}/healthz", process, log)
         check = [i for i in stage if i.keyword == "HEALTHCHECK"][0].args
         probe = json.loads(check[check.index("CMD") + 3:].strip())  # the exec form after CMD
         assert probe[0] == "python"
@@ -234,11 +227,3 @@ def test_the_image_command_runs_from_the_wheel_in_a_fresh_venv(dockerfile, detec
             process.wait()
     assert subprocess.run([str(python), *probe[1:]], env=env, timeout=30,
                           capture_output=True).returncode != 0  # and it fails once the service is gone
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -19,17 +19,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from inference_fixtures import bccd_images, detector  # noqa: F401 (fixtures)
-from serving_fixtures import parse_metrics, until
+from serving_fixtures import free_port, parse_metrics, until, wait_for_status
 
 from yolo_batch.cli import main
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
@@ -40,14 +32,7 @@ def start(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def ready(url: str, process: subprocess.Popen, log: Path) -> None:
-    def check() -> bool:
-        assert process.poll() is None, log.read_text()
-        try:
-            return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    until(check, timeout=120, what="/readyz 200")
+    wait_for_status(f"{url}/readyz", process, log)
 
 
 def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
