@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from yolo_batch.cli import main
 
 TINY = ["--epochs", "1", "--imgsz", "64", "--set", "plots=False", "--set", "workers=0"]
 
 
-def run(*args: str) -> "click.testing.Result":
+def run(*args: str) -> Result:
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 

@@ -74,8 +74,12 @@ def estimate_batch(
     backend: GpuBackend | None = None,
     nvml: ModuleType | None = None,
     cache: DecisionCache | None = None,
+    model: Any | None = None,
 ) -> AutoBatchDecision:
     """Decide the training batch for ``config``: measured on the GPU, or a fallback with its reason.
+
+    ``model``: the already loaded ``config.model`` (a YOLO object, only read here), so a caller that
+    trains next need not load it twice.
 
     Raises:
         InputError: bad model, data or device.
@@ -83,7 +87,7 @@ def estimate_batch(
     """
     backend = backend or TorchCudaBackend()
     info = inspect_dataset(resolve_data(config.data))
-    model = ultralytics_adapter.load_model(config.model)
+    model = model if model is not None else ultralytics_adapter.load_model(config.model)
     devices = parse_device(config.device, backend.device_count())
     cache = cache or DecisionCache(cache_dir() / "autobatch")
     start = time.perf_counter()  # estimation time, after the inputs are loaded and checked

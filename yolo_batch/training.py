@@ -97,10 +97,10 @@ def train(
     sizing, extra = split_train_args(config.sizing, config.extra)
     config = dataclasses.replace(config, sizing=sizing, extra=extra)
     data = resolve_data(sizing.data)
-    decision = estimate_batch(dataclasses.replace(sizing, data=data), backend=backend, nvml=nvml)
+    model = ultralytics_adapter.load_model(sizing.model)
+    decision = estimate_batch(dataclasses.replace(sizing, data=data), backend=backend, nvml=nvml, model=model)
     if on_decision is not None:
         on_decision(decision)
-    model = ultralytics_adapter.load_model(sizing.model)
     seen: dict[str, Any] = {}
 
     def write_decision(trainer: Any) -> None:
