@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,8 @@ from yolo_batch.oom import is_oom_error
 log = logging.getLogger(__name__)
 
 TOLERANCE = 0.05
+# Largest batch --batch auto explores, by device type: GPUs often keep gaining past 64 (inspection).
+AUTO_MAX_BATCH = MappingProxyType({"cuda": 256, "cpu": 32})
 MEMORY_FRACTION = 0.9  # of the memory free to us on the GPU (NVML), as for training
 
 

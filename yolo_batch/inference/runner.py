@@ -18,7 +18,7 @@ from rich.table import Table
 
 from yolo_batch.devices import parse_device
 from yolo_batch.errors import InputError
-from yolo_batch.inference.auto_batch import AutoBatchChoice, measure_engine
+from yolo_batch.inference.auto_batch import AUTO_MAX_BATCH, AutoBatchChoice, measure_engine
 from yolo_batch.inference.buckets import NO_PADDING, PaddingStats
 from yolo_batch.inference.config import InferConfig, OutputFormat, default_workers
 from yolo_batch.inference.decode import DecodeError, DecodeLimits, DecoderChoice, ImageReader, choose_jpeg_decoder
@@ -297,6 +297,6 @@ def _auto_batch(engine: Engine, reader: ImageReader, paths: Sequence[str], confi
         prepared = [engine.prepare(np.full((config.imgsz, config.imgsz, 3), 114, np.uint8))]
     shape = collections.Counter(plan.out for _, plan in prepared).most_common(1)[0][0]
     same = [(im, plan) for im, plan in prepared if plan.out == shape]
-    max_batch = 256 if device.type == "cuda" else 32  # GPUs often keep gaining past 64 (inspection)
+    max_batch = AUTO_MAX_BATCH.get(device.type, AUTO_MAX_BATCH["cpu"])
     return measure_engine(engine, [im for im, _ in same], [plan for _, plan in same], max_batch,
                           config.max_latency_ms)

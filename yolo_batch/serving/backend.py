@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from yolo_batch.inference.auto_batch import AutoBatchChoice, measure_engine
+from yolo_batch.inference.auto_batch import AUTO_MAX_BATCH, AutoBatchChoice, measure_engine
 from yolo_batch.inference.decode import DecodeLimits, DecoderChoice, ImageReader, choose_jpeg_decoder
 from yolo_batch.inference.engine import Detection, Engine, NmsSettings
 from yolo_batch.inference.letterbox import Letterbox
@@ -27,8 +27,6 @@ from yolo_batch.inference.runner import cpu_parallelism, resolve_device
 from yolo_batch.serving.config import ServeConfig
 
 log = logging.getLogger(__name__)
-
-_AUTO_CAP = {"cuda": 64, "cpu": 32}  # as infer's --batch auto
 
 
 @dataclass(frozen=True)
@@ -129,7 +127,7 @@ class DetectorBackend:
         pixels, plan = self.engine.prepare(square)
         self.engine.warmup(plan.out)
         if self.config.max_batch.is_auto:
-            cap = _AUTO_CAP.get(self.engine.device.type, 32)
+            cap = AUTO_MAX_BATCH.get(self.engine.device.type, AUTO_MAX_BATCH["cpu"])
             self.batch_choice = measure_engine(self.engine, [pixels], [plan], cap, self.config.max_latency_ms)
             self.batch_size = BatchSize(self.batch_choice.batch)
             log.info("max batch (auto): %d - %s", self.batch_choice.batch, self.batch_choice.reason)
