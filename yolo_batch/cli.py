@@ -252,15 +252,12 @@ def _parse_classes(ctx: click.Context, param: click.Parameter, values: tuple[str
     """``--classes 0,2`` or ``--classes 0 --classes 2``."""
     if not values:
         return None
-    out = []
-    for value in values:
-        for part in value.split(","):
-            if part.strip():
-                if not part.strip().isdigit():
-                    raise click.BadParameter(f"'{part.strip()}' is not a class id (an integer >= 0)", ctx=ctx,
-                                             param=param)
-                out.append(int(part))
-    return tuple(out)
+    from yolo_batch.inference.config import parse_class_ids
+
+    try:
+        return tuple(c for value in values for c in parse_class_ids(value))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
 def infer_options(fn: Callable[..., Any]) -> Callable[..., Any]:

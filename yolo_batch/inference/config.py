@@ -131,6 +131,19 @@ class InferConfig:
         }
 
 
+def parse_class_ids(text: str) -> tuple[int, ...]:
+    """``"0,2"`` -> ``(0, 2)`` (the form ``--classes`` and ``YOLO_BATCH_CLASSES`` take).
+
+    Raises:
+        ValueError: a part that is not a class id (an integer >= 0).
+    """
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    for part in parts:
+        if not part.isdigit():
+            raise ValueError(f"'{part}' is not a class id: expected class ids such as 0,2 (integers >= 0)")
+    return tuple(int(p) for p in parts)
+
+
 def _check_fraction(name: str, value: float) -> None:
     if not (0.0 <= value <= 1.0) or math.isnan(value):
         raise InputError(f"{name} must be in [0, 1], got {value}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from yolo_batch.errors import InputError
-from yolo_batch.inference.config import BatchSetting
+from yolo_batch.inference.config import BatchSetting, parse_class_ids
 
 ENV_PREFIX = "YOLO_BATCH_"
 TOKEN_ENV = "YOLO_BATCH_TOKEN"
@@ -145,13 +145,6 @@ def _bool(text: str) -> bool:
     raise ValueError("expected true or false")
 
 
-def _classes(text: str) -> tuple[int, ...]:
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not all(p.isdigit() for p in parts):
-        raise ValueError("expected class ids such as 0,2")
-    return tuple(int(p) for p in parts)
-
-
 @dataclass(frozen=True)
 class Setting:
     """One setting: its :class:`ServeConfig` field, environment variable, parser and meaning (for docs)."""
@@ -183,7 +176,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("conf", float, "confidence threshold (default 0.25)"),
     Setting("iou", float, "NMS IoU threshold (default 0.7)"),
     Setting("max_det", int, "most detections per image (default 300)"),
-    Setting("classes", _classes, "keep only these class ids, e.g. 0,2"),
+    Setting("classes", parse_class_ids, "keep only these class ids, e.g. 0,2"),
     Setting("max_latency_ms", float, "per-batch latency limit for max_batch auto"),
     Setting("max_body_bytes", int, f"largest request body; beyond it 413 (default {MAX_BODY_BYTES})"),
     Setting("max_image_bytes", int, f"largest encoded image; beyond it 413 (default {MAX_IMAGE_BYTES})"),
