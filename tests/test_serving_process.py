@@ -150,14 +150,30 @@ def test_a_port_in_use_is_exit_code_2():
     assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
 
 
-def test_bench_serve_reports_throughput_latency_batches_and_the_offline_ratio(detector, tmp_path):
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model", "missing.pt"], "model file not found: missing.pt"),
+    (["--model", "yolo11n.yaml", "--device", "7"], "unknown device '7'"),
+    (["--model", "yolo11n.yaml", "--max-batch", "0"], "batch must be 'auto' or an integer >= 1"),
+    (["--model", "yolo11n.yaml", "--concurrency", "0"], "concurrency must be >= 1"),
+])
+def test_bench_serve_bad_input_is_one_line_and_exit_code_2_before_any_service_starts(args, message, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(bccd_images(1)[0].read_bytes())
+    result = CliRunner().invoke(main, ["bench", "serve", str(folder), *args, "--json"])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+
+
+@pytest.mark.parametrize("max_batch", ["4", "auto"])
+def test_bench_serve_reports_throughput_latency_batches_and_the_offline_ratio(detector, tmp_path, max_batch):
     folder = tmp_path / "images"
     folder.mkdir()
     for path in bccd_images(4):
         (folder / path.name).write_bytes(path.read_bytes())
     result = CliRunner().invoke(main, ["bench", "serve", str(folder), "--model", str(detector), "--imgsz", "64",
-                                       "--device", "cpu", "--max-batch", "4", "--requests", "24", "--concurrency",
-                                       "4", "--warmup", "4", "--offline-rounds", "1", "--json"],
+                                       "--device", "cpu", "--max-batch", max_batch, "--requests", "24",
+                                       "--concurrency", "4", "--warmup", "4", "--offline-rounds", "1", "--json"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -165,6 +181,16 @@ def test_bench_serve_reports_throughput_latency_batches_and_the_offline_ratio(de
     assert report["images_per_s"] > 0 and report["offline_images_per_s"] > 0
     assert report["ratio_to_offline"] == pytest.approx(report["images_per_s"] / report["offline_images_per_s"],
                                                        rel=0.01)
-    assert 1 <= report["mean_batch"] <= 4 and report["batch_ms"] > 0
-    assert report["latency_ms"]["p50"] <= report["latency_ms"]["p95"] <= report["latency_ms"]["p99"]
-    assert set(report["target"]) == {"ratio", "ratio_met", "p99_bound_ms", "p99_met"}
+    assert report["max_batch_setting"] == max_batch and report["streams"] >= 1
+    if max_batch != "auto":
+        assert report["max_batch"] == 4
+    assert 1 <= report["mean_batch"] <= report["max_batch"]
+    assert report["batch_ms"]["per_batch"] > 0 and report["batch_ms"]["per_request"] > 0
+    assert report["batch_cycles"] == pytest.approx(4 / (report["streams"] * report["max_batch"]), abs=0.01)
+    latency, parts = report["latency_ms"], report["latency_parts_ms"]
+    assert latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
+    # The service's own timings fit inside what the client measured.
+    assert 0 < parts["batch"]["p50"] <= latency["p50"] and parts["outside"]["p99"] <= latency["max"]
+    assert report["target"]["p99_bound_ms"] == pytest.approx(
+        report["max_delay_ms"] + 2 * report["batch_ms"]["per_request"], abs=0.02)
+    assert report["target"]["p99_met"] == (latency["p99"] <= report["target"]["p99_bound_ms"])

@@ -471,8 +471,8 @@ def serve(**opts: Any) -> None:
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="A local .pt file or an Ultralytics yaml name.")
 @click.option("--imgsz", type=int, default=640, show_default=True)
 @click.option("--device", default=None, help="'cpu' or one GPU such as '0'. Default: GPU 0 if present.")
-@click.option("--max-batch", type=int, default=16, show_default=True,
-              help="The service's max batch (and infer's batch).")
+@click.option("--max-batch", default="16", show_default=True,
+              help="The service's max batch, N or auto; offline infer runs at the batch the service ran.")
 @click.option("--max-delay-ms", type=float, default=5.0, show_default=True)
 @click.option("--requests", type=int, default=400, show_default=True, help="Timed requests (one image each).")
 @click.option("--concurrency", type=int, default=16, show_default=True, help="Client threads, each with a connection.")
