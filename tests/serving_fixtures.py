@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import threading
 import time
@@ -20,6 +19,7 @@ from yolo_batch.inference.oom_split import BatchSize
 from yolo_batch.serving.app import create_app
 from yolo_batch.serving.backend import ItemResult, Prepared
 from yolo_batch.serving.config import ServeConfig
+from yolo_batch.serving.load import free_port  # noqa: F401 (re-exported for the tests)
 from yolo_batch.serving.server import bind
 
 WAIT_S = 60.0
@@ -34,13 +34,6 @@ def until(condition: Callable[[], Any], timeout: float = WAIT_S, what: str = "co
             return value
         assert time.monotonic() < deadline, f"{what} not reached within {timeout:.0f} s"
         time.sleep(0.01)
-
-
-def free_port() -> int:
-    """A port nothing listens on, on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_status(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:

@@ -156,7 +156,7 @@ def test_a_port_in_use_is_exit_code_2():
     (["--model", "yolo11n.yaml", "--max-batch", "0"], "batch must be 'auto' or an integer >= 1"),
     (["--model", "yolo11n.yaml", "--concurrency", "0"], "concurrency must be >= 1"),
 ])
-def test_bench_serve_bad_input_is_one_line_and_exit_code_2_before_any_service_starts(args, message, tmp_path):
+def test_bench_serve_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     (folder / "a.jpg").write_bytes(bccd_images(1)[0].read_bytes())

@@ -38,7 +38,7 @@ from yolo_batch.errors import InputError, YoloBatchError
 from yolo_batch.inference.config import BatchSetting, InferConfig
 from yolo_batch.inference.runner import run_inference
 from yolo_batch.inference.sources import discover
-from yolo_batch.serving.load import Client, RequestTiming, run_load
+from yolo_batch.serving.load import Client, RequestTiming, free_port, run_load
 
 log = logging.getLogger(__name__)
 
@@ -185,22 +185,17 @@ class ServeBenchReport:
 
 
 def run_serve_bench(config: ServeBenchConfig, on_stage: Callable[[str], None] | None = None) -> ServeBenchReport:
-    """Offline infer, then the service under load; see the module docstring.
+    """The service under load, then offline infer; see the module docstring.
 
     Raises:
-        InputError: bad source, model or device (checked before the service starts).
+        InputError: bad source, or a model or device the service refused (its one-line reason).
         YoloBatchError: the service did not start or did not stop.
     """
-    from yolo_batch.inference.runner import resolve_device
-    from yolo_batch.ultralytics_adapter import load_model
-
     say = on_stage or (lambda text: None)
     paths = discover((config.source,)).paths
-    resolve_device(config.device)  # bad input is one line here, not a failed service start
-    load_model(config.model)
     bodies = [Path(p).read_bytes() for p in paths]
     with tempfile.TemporaryDirectory(prefix="yolo-batch-bench-serve-") as tmp:
-        port = _free_port()
+        port = free_port()
         log_path = Path(tmp) / "serve.log"
         say(f"starting the service on {len(paths)} image(s), max batch {config.max_batch}")
         process = _start_server(config, port, log_path)
@@ -239,14 +234,6 @@ def _offline(config: ServeBenchConfig, batch: int) -> tuple[float, str]:
                 streams=config.streams))
         best, device = max(best, summary.images_per_s), summary.device
     return best, device
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _start_server(config: ServeBenchConfig, port: int, log_path: Path) -> subprocess.Popen[bytes]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from yolo_batch.errors import YoloBatchError
+from yolo_batch.errors import InputError, YoloBatchError
 
 _READY_S = 300.0
 
@@ -41,6 +42,13 @@ class RequestTiming:
         return max(self.latency_ms - self.wait_ms, 0.0)
 
 
+def free_port() -> int:
+    """A port nothing listens on, on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class Client:
     """A few plain HTTP calls on loopback (one connection per thread, kept alive)."""
 
@@ -61,11 +69,19 @@ class Client:
             conn.close()
 
     def wait_ready(self, process: subprocess.Popen[bytes], log_path: Path) -> None:
+        """Poll /readyz until the service ``process`` (logging to ``log_path``) is ready.
+
+        Raises:
+            InputError: the service refused its settings (exit 2: bad model, device...); its one line.
+            YoloBatchError: it exited otherwise, or was not ready within the time limit.
+        """
         deadline = time.monotonic() + _READY_S
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise YoloBatchError(f"the service exited with {process.returncode}: "
-                                     + log_path.read_text(errors="replace")[-2000:])
+                log = log_path.read_text(errors="replace")
+                if process.returncode == 2 and log.strip():  # the CLI's usage error, as one "Error: ..." line
+                    raise InputError(log.strip().splitlines()[-1].removeprefix("Error: "))
+                raise YoloBatchError(f"the service exited with {process.returncode}: " + log[-2000:])
             try:
                 if self.get("/readyz")[0] == 200:
                     return
@@ -96,7 +112,7 @@ class Client:
 
 
 def run_load(client: Client, bodies: list[bytes], requests: int, concurrency: int
-          ) -> tuple[float, list[RequestTiming], dict[str, int]]:
+             ) -> tuple[float, list[RequestTiming], dict[str, int]]:
     """``requests`` POSTs from ``concurrency`` threads; returns wall seconds, timings of 200s, failures."""
     lock = threading.Lock()
     counter = iter(range(requests))
