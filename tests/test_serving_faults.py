@@ -14,13 +14,27 @@ TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
+def on_device(pool, client, backend, name):
+    """POST image ``name`` and wait until the (held) backend is running it."""
+    future = pool.submit(client.post, f"/v1/detect?name={name}", content=name.encode())
+    assert backend.entered.acquire(timeout=30)
+    return future
+
+
+def one_running_one_queued(pool, client, server, backend):
+    """Image a on the held device and image b queued behind it."""
+    running = on_device(pool, client, backend, "a")
+    queued = pool.submit(client.post, "/v1/detect?name=b", content=b"b")
+    until(lambda: server.state.batcher.depth == 1, what="b queued")
+    return running, queued
+
+
 def test_queue_full_is_429_with_retry_after_and_the_others_are_answered():
     backend = FakeBackend(fake_config(), max_batch=1, hold=True)
     with LiveServer(fake_config(queue_size=2), lambda c: backend) as server:
         server.wait_ready()
         with ThreadPoolExecutor(2) as pool, server.client() as client:
-            first = pool.submit(client.post, "/v1/detect?name=a", content=b"a")
-            assert backend.entered.acquire(timeout=30)  # image a is on the "device"
+            first = on_device(pool, client, backend, "a")
             second = pool.submit(client.post, "/v1/detect?name=b", content=b"b")
             until(lambda: server.state.admitted == 2, what="two images in flight")
             refused = client.post("/v1/detect?name=c", content=b"c")
@@ -38,8 +52,7 @@ def test_a_request_past_its_timeout_is_504_and_its_image_is_never_run():
     with LiveServer(fake_config(timeout_ms=300), lambda c: backend) as server:
         server.wait_ready()
         with ThreadPoolExecutor(1) as pool, server.client() as client:
-            blocker = pool.submit(client.post, "/v1/detect?name=slow", content=b"x")
-            assert backend.entered.acquire(timeout=30)
+            blocker = on_device(pool, client, backend, "slow")
             late = client.post("/v1/detect?name=late", content=b"y")  # queued behind the held batch
             assert late.status_code == 504 and late.json()["error"] == "timeout"
             assert blocker.result(30).status_code == 504  # its own 300 ms passed too
@@ -68,10 +81,7 @@ def test_shutting_down_is_503_and_queued_work_still_finishes():
     with LiveServer(fake_config(grace_s=30), lambda c: backend) as server:
         server.wait_ready()
         with ThreadPoolExecutor(2) as pool, server.client() as client:
-            running = pool.submit(client.post, "/v1/detect?name=a", content=b"a")
-            assert backend.entered.acquire(timeout=30)
-            queued = pool.submit(client.post, "/v1/detect?name=b", content=b"b")
-            until(lambda: server.state.batcher.depth == 1, what="b queued")
+            running, queued = one_running_one_queued(pool, client, server, backend)
             server.state.begin_shutdown()  # what SIGTERM does first
             refused = client.post("/v1/detect?name=c", content=b"c")
             assert refused.status_code == 503 and refused.json()["error"] == "shutting-down"
@@ -86,10 +96,7 @@ def test_queued_work_past_the_grace_period_is_503():
     with LiveServer(fake_config(grace_s=0), lambda c: backend) as server:
         server.wait_ready()
         with ThreadPoolExecutor(2) as pool, server.client() as client:
-            running = pool.submit(client.post, "/v1/detect?name=a", content=b"a")
-            assert backend.entered.acquire(timeout=30)
-            queued = pool.submit(client.post, "/v1/detect?name=b", content=b"b")
-            until(lambda: server.state.batcher.depth == 1, what="b queued")
+            running, queued = one_running_one_queued(pool, client, server, backend)
             server.state.begin_shutdown()
             until(lambda: not server.state.batcher.accepting, what="intake closed")
             backend.release.set()
