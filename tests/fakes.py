@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from yolo_batch.decision import ProbeSample
+from yolo_batch.training.decision import ProbeSample
 
 GIB = 1 << 30
 

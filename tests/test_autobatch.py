@@ -6,12 +6,12 @@ import json
 import os
 
 import pytest
-
 from fakes import GIB, CurveGpu, FakeBackend, FakeDevice, fake_pynvml, linear
-from yolo_batch.autobatch import BudgetTooSmall, estimate_batch, gpu_budgets
-from yolo_batch.config import BatchRequest, Rounding, SizingConfig
+
+from yolo_batch.core.nvml import read_gpus
 from yolo_batch.errors import InputError
-from yolo_batch.nvml import read_gpus
+from yolo_batch.training.autobatch import BudgetTooSmall, estimate_batch, gpu_budgets
+from yolo_batch.training.config import BatchRequest, Rounding, SizingConfig
 
 
 def config(data, **kw) -> SizingConfig:
@@ -129,7 +129,7 @@ def test_no_batch_fits_is_a_clear_error(shapes_yaml):
 
 
 def test_decision_round_trips_through_json(shapes_yaml, tmp_path):
-    from yolo_batch.decision import AutoBatchDecision
+    from yolo_batch.training.decision import AutoBatchDecision
 
     decision = estimate_batch(config(shapes_yaml), backend=FakeBackend(CurveGpu(linear(0.5, 0.1))),
                               nvml=fake_pynvml([FakeDevice(total=10 * GIB, used=0)]))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-
 from fakes import GIB, CurveGpu, convex, linear
-from yolo_batch.batch_search import NoBatchFits, round_batch, search_batch
-from yolo_batch.config import Rounding
-from yolo_batch.decision import ProbeSample
-from yolo_batch.memory_curve import fit_memory_curve
+
+from yolo_batch.training.config import Rounding
+from yolo_batch.training.decision import ProbeSample
+from yolo_batch.training.memory_curve import fit_memory_curve
+from yolo_batch.training.search import NoBatchFits, round_batch, search_batch
 
 
 @pytest.mark.parametrize(

@@ -13,12 +13,13 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from torch import nn
-
 from conftest import copy_subset
+from torch import nn
 from trainer_spy import TrainerSpy
+
 from yolo_batch import ultralytics_adapter as ua
-from yolo_batch.batchnorm import (
+from yolo_batch.cli import main
+from yolo_batch.training.batchnorm import (
     ConvertToSyncBatchNorm,
     FreezeBatchNorm,
     attach,
@@ -27,8 +28,7 @@ from yolo_batch.batchnorm import (
     convert_to_sync,
     starts_from_weights,
 )
-from yolo_batch.cli import main
-from yolo_batch.config import BatchRequest, BnPolicy, SizingConfig, TrainConfig
+from yolo_batch.training.config import BatchRequest, BnPolicy, SizingConfig, TrainConfig
 
 F, T, S = BnPolicy.FREEZE, BnPolicy.TRAIN, BnPolicy.SYNC
 
@@ -84,7 +84,7 @@ def test_starts_from_weights(model, pretrained, expected):
 
 
 def test_sizing_infers_weights_from_the_model_and_pass_through():
-    from yolo_batch.training import split_train_args
+    from yolo_batch.training.run import split_train_args
 
     assert SizingConfig(model="a.pt").starts_from_weights and not SizingConfig().starts_from_weights
     sizing, rest = split_train_args(SizingConfig(model="a.pt"), {"pretrained": False})
@@ -152,7 +152,7 @@ def test_convert_to_sync_keeps_every_parameter_and_buffer_object():
 
 def test_sync_outside_ddp_warns_and_changes_nothing(caplog):
     model = detection_model()
-    with caplog.at_level(logging.WARNING, logger="yolo_batch.batchnorm"):
+    with caplog.at_level(logging.WARNING, logger="yolo_batch.training.batchnorm"):
         ConvertToSyncBatchNorm()(SimpleNamespace(model=model))
     assert "not a DDP worker" in caplog.text
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
@@ -191,7 +191,7 @@ def test_tiny_batch_from_scratch_is_recorded_with_a_warning(copy_shared, caplog)
     from yolo_batch import estimate_batch
 
     data = copy_shared("coco8")  # 4 training images: batch 4 on CPU
-    with caplog.at_level(logging.WARNING, logger="yolo_batch.autobatch"):
+    with caplog.at_level(logging.WARNING, logger="yolo_batch.training.autobatch"):
         decision = estimate_batch(SizingConfig(data=data, imgsz=64, epochs=1, device="cpu"))
     assert (decision.batch, decision.bn_policy) == (4, "train")
     assert "from scratch on one device" in decision.bn_reason

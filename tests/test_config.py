@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from yolo_batch.config import BatchRequest, SizingConfig
-from yolo_batch.devices import parse_device
+from yolo_batch.core.devices import parse_device
 from yolo_batch.errors import InputError
+from yolo_batch.training.config import BatchRequest, SizingConfig
 
 
 @pytest.mark.parametrize(

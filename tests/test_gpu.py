@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from yolo_batch import SizingConfig, estimate_batch
-from yolo_batch.nvml import read_gpus
+from yolo_batch.core.nvml import read_gpus
 
 pytestmark = [
     pytest.mark.gpu,

@@ -13,10 +13,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from trainer_spy import TrainerSpy
+
 from yolo_batch import ultralytics_adapter as ua
-from yolo_batch.images import all_square, check_window, png_bit_depth, to_uint8
+from yolo_batch.core.images import all_square, check_window, png_bit_depth, to_uint8
 
 
 def ramp(low: int, high: int, dtype=np.uint16, shape=(16, 24)) -> np.ndarray:

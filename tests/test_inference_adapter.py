@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from yolo_batch import ultralytics_adapter as ua
-from yolo_batch.inference.letterbox import apply_letterbox, boxes_to_source, plan_letterbox
+from yolo_batch.inference.letterbox import (
+    apply_letterbox,
+    boxes_to_source,
+    plan_letterbox,
+)
 
 SHAPES = [(480, 640), (426, 640), (640, 481), (500, 381), (37, 1001), (1, 1), (641, 639)]
 

@@ -16,10 +16,9 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from inference_fixtures import detector, image_folder, write_bad_files  # noqa: F401 (fixtures)
 
 from yolo_batch.cli import main
-
-from inference_fixtures import detector, image_folder, write_bad_files  # noqa: F401 (fixtures)
 
 FAST = ["--imgsz", "160", "--conf", "0.15", "--device", "cpu"]
 

@@ -10,11 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from yolo_batch.inference import BatchSetting, Engine, InferConfig, NmsSettings, run_inference
-from yolo_batch.ultralytics_adapter import load_model, quiet
-
 from inference_fixtures import bccd_images, detector, image_folder  # noqa: F401 (fixtures)
+
+from yolo_batch.inference import (
+    BatchSetting,
+    Engine,
+    InferConfig,
+    NmsSettings,
+    run_inference,
+)
+from yolo_batch.ultralytics_adapter import load_model, quiet
 
 IMGSZ = 160
 CONF = 0.15

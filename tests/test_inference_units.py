@@ -10,21 +10,44 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from inference_fixtures import write_bad_files
 
+from yolo_batch.core.images import to_uint8
 from yolo_batch.errors import InputError
-from yolo_batch.inference.auto_batch import ThroughputSample, candidate_sizes, choose_batch, measure_throughput
 from yolo_batch.inference.buckets import ShapeBuckets, batch_padding
-from yolo_batch.inference.config import BatchSetting, InferConfig, OutputFormat, default_workers
-from yolo_batch.images import to_uint8
-from yolo_batch.inference.decode import DecodeError, DecodeLimits, ImageReader, pick_decoder
+from yolo_batch.inference.config import (
+    BatchSetting,
+    InferConfig,
+    OutputFormat,
+    default_workers,
+)
+from yolo_batch.inference.decode import (
+    DecodeError,
+    DecodeLimits,
+    ImageReader,
+    pick_decoder,
+)
 from yolo_batch.inference.headers import image_size, jpeg_complete, sniff_format
-from yolo_batch.inference.letterbox import apply_letterbox, boxes_to_source, plan_letterbox
-from yolo_batch.inference.oom_split import Attempt, BatchSize, OutOfMemoryAlone, run_with_split
+from yolo_batch.inference.letterbox import (
+    apply_letterbox,
+    boxes_to_source,
+    plan_letterbox,
+)
+from yolo_batch.inference.oom_split import (
+    Attempt,
+    BatchSize,
+    OutOfMemoryAlone,
+    run_with_split,
+)
 from yolo_batch.inference.progress import PlainProgress
 from yolo_batch.inference.sources import discover, relative_names
+from yolo_batch.inference.throughput import (
+    ThroughputSample,
+    candidate_sizes,
+    choose_throughput_batch,
+    measure_throughput,
+)
 from yolo_batch.inference.writers import CSV_HEADER, read_journal, repair_csv
-
-from inference_fixtures import write_bad_files
 
 # --- config -------------------------------------------------------------------------------------------------------
 
@@ -287,7 +310,7 @@ def samples(*rows):
     ([(1, 10, None, False), (2, 19, None, False)], 10.0, None, 1),  # nothing fits: the smallest
 ])
 def test_choose_batch(rows, latency, budget, expected):
-    choice = choose_batch(samples(*rows), max_latency_ms=latency, memory_budget_bytes=budget)
+    choice = choose_throughput_batch(samples(*rows), max_latency_ms=latency, memory_budget_bytes=budget)
     assert choice.batch == expected
     assert choice.table().row_count == len(rows)
     assert json.dumps(choice.to_dict())
@@ -295,7 +318,7 @@ def test_choose_batch(rows, latency, budget, expected):
 
 def test_choose_batch_rejects_nothing_to_choose():
     with pytest.raises(ValueError):
-        choose_batch([])
+        choose_throughput_batch([])
 
 
 def test_measure_throughput_stops_on_plateau_and_oom():
@@ -307,7 +330,7 @@ def test_measure_throughput_stops_on_plateau_and_oom():
 
     got = measure_throughput(run, candidate_sizes(32), clock=lambda: clock_now[0])
     assert [s.batch for s in got] == [1, 2, 4, 8, 16]
-    assert choose_batch(got).batch == 4
+    assert choose_throughput_batch(got).batch == 4
 
     def run_oom(batch):
         if batch >= 4:

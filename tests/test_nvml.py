@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
 from fakes import GIB, FakeDevice, fake_pynvml
-from yolo_batch.nvml import NvmlUnavailable, read_gpus
+
+from yolo_batch.core.nvml import NvmlUnavailable, read_gpus
 
 
 def test_reads_memory_and_processes_of_each_chosen_gpu():

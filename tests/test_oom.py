@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from yolo_batch.oom import is_oom_error
+from yolo_batch.core.oom import is_oom_error
 
 
 @pytest.mark.parametrize(

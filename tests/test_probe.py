@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from yolo_batch import ultralytics_adapter
-from yolo_batch.probe import ProbeSetup, TrainingProbe, synthetic_batch
+from yolo_batch.training.probe import ProbeSetup, TrainingProbe, synthetic_batch
 
 
 @pytest.fixture(scope="module")

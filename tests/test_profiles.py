@@ -8,14 +8,27 @@ import json
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from fakes import GIB, CurveGpu, FakeBackend, FakeDevice, fake_pynvml, linear
 from trainer_spy import TrainerSpy
+
 from yolo_batch import estimate_batch
 from yolo_batch.cli import main
-from yolo_batch.config import BatchRequest, BnPolicy, LrScaling, Rounding, SizingConfig
 from yolo_batch.errors import InputError
-from yolo_batch.profiles import BUILTIN, InferSettings, load_profile, profile_from_dict, profile_to_yaml, train_config
+from yolo_batch.profiles import (
+    BUILTIN,
+    InferSettings,
+    load_profile,
+    profile_from_dict,
+    profile_to_yaml,
+    train_config,
+)
+from yolo_batch.training.config import (
+    BatchRequest,
+    BnPolicy,
+    LrScaling,
+    Rounding,
+    SizingConfig,
+)
 
 
 def merged(profile: str, data=None, **explicit):

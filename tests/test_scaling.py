@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from yolo_batch.config import LrScaling
-from yolo_batch.scaling import accumulate_for, auto_optimizer, plan_scaling
+from yolo_batch.training.config import LrScaling
+from yolo_batch.training.scaling import accumulate_for, auto_optimizer, plan_scaling
 
 
 @pytest.mark.parametrize(

@@ -9,13 +9,12 @@ import threading
 import cv2
 import numpy as np
 import torch
+from inference_fixtures import detector  # noqa: F401 (fixture)
+from test_inference_parity import CONF, IMGSZ, unmatched
 
 from yolo_batch.inference import Engine, NmsSettings
 from yolo_batch.serving.backend import DetectorBackend, ItemResult
 from yolo_batch.serving.config import ServeConfig
-
-from inference_fixtures import detector  # noqa: F401 (fixture)
-from test_inference_parity import CONF, IMGSZ, unmatched
 
 
 def rows(detections) -> np.ndarray:

@@ -13,7 +13,14 @@ import pytest
 
 from yolo_batch.inference.decode import DecodeError, FailureKind
 from yolo_batch.serving.batcher import QueueFull
-from yolo_batch.serving.hotfolder import DONE, ERRORS, FAILED, RESULTS, HotFolder, truncate_torn_tail
+from yolo_batch.serving.hotfolder import (
+    DONE,
+    ERRORS,
+    FAILED,
+    RESULTS,
+    HotFolder,
+    truncate_torn_tail,
+)
 
 
 class FakeSubmit:

@@ -9,7 +9,6 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-
 from yolo_batch_datasets import (
     BUILTIN_SETS,
     SyntheticSpec,

@@ -7,7 +7,7 @@ import yaml
 
 from yolo_batch import BatchRequest, SizingConfig, TrainConfig, train
 from yolo_batch.errors import InputError
-from yolo_batch.training import split_train_args, ultralytics_overrides
+from yolo_batch.training.run import split_train_args, ultralytics_overrides
 
 
 def tiny(data, **sizing) -> TrainConfig:

@@ -14,8 +14,9 @@ from yolo_batch.errors import InputError
 @pytest.fixture
 def no_network(monkeypatch):
     """Any attempt to reach the network fails the test."""
-    import requests
     import socket
+
+    import requests
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"network access attempted: {args[:1]}")

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from yolo_batch.autobatch import estimate_batch
-from yolo_batch.config import BatchRequest, Rounding, SizingConfig, TrainConfig
-from yolo_batch.decision import AutoBatchDecision
 from yolo_batch.errors import InputError, YoloBatchError
-from yolo_batch.training import TrainResult, train
+from yolo_batch.training.autobatch import estimate_batch
+from yolo_batch.training.config import BatchRequest, Rounding, SizingConfig, TrainConfig
+from yolo_batch.training.decision import AutoBatchDecision
+from yolo_batch.training.run import TrainResult, train
 
 __all__ = [
     "AutoBatchDecision",

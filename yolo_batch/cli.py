@@ -14,8 +14,15 @@ import click
 import yaml
 
 from yolo_batch import __version__
-from yolo_batch.config import DEFAULT_MODEL, BatchRequest, BnPolicy, LrScaling, Rounding, TrainConfig
 from yolo_batch.errors import InputError, YoloBatchError
+from yolo_batch.training.config import (
+    DEFAULT_MODEL,
+    BatchRequest,
+    BnPolicy,
+    LrScaling,
+    Rounding,
+    TrainConfig,
+)
 
 
 class CommandError(click.ClickException):
@@ -128,7 +135,7 @@ def main() -> None:
 def train(project: str | None, name: str | None, **opts: Any) -> None:
     """Train with an AutoBatch decision (printed, and saved as autobatch.json in the run folder)."""
     from yolo_batch.render import print_decision
-    from yolo_batch.training import train as run_training
+    from yolo_batch.training.run import train as run_training
 
     result = run_training(build_train_config(opts, project, name), on_decision=print_decision)
     click.echo(f"run folder: {result.save_dir}")
@@ -143,8 +150,8 @@ def train(project: str | None, name: str | None, **opts: Any) -> None:
 @command
 def autobatch(as_json: bool, **opts: Any) -> None:
     """Estimate the training batch only (no training)."""
-    from yolo_batch.autobatch import estimate_batch
-    from yolo_batch.training import split_train_args
+    from yolo_batch.training.autobatch import estimate_batch
+    from yolo_batch.training.run import split_train_args
     from yolo_batch.ultralytics_adapter import quiet
 
     config = build_train_config(opts)
@@ -167,7 +174,6 @@ def datasets(ctx: click.Context) -> None:
         return
     from rich.console import Console
     from rich.table import Table
-
     from yolo_batch_datasets import list_builtin
 
     table = Table(title="Built-in synthetic datasets", title_justify="left")
@@ -231,7 +237,7 @@ def bench() -> None:
 @command
 def bench_autobatch(as_json: bool, **opts: Any) -> None:
     """Ours vs Ultralytics' check_train_batch_size on the same GPU: batch, time, real peak, OOM."""
-    from yolo_batch.bench import run_autobatch_bench
+    from yolo_batch.training.bench import run_autobatch_bench
 
     config = build_train_config(opts)
     report = run_autobatch_bench(config.sizing)

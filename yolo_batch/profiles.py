@@ -23,9 +23,16 @@ from typing import Any
 
 import yaml
 
-from yolo_batch.config import BatchRequest, BnPolicy, LrScaling, Rounding, SizingConfig, TrainConfig
+from yolo_batch.core.images import all_square, check_window
 from yolo_batch.errors import InputError
-from yolo_batch.images import all_square, check_window
+from yolo_batch.training.config import (
+    BatchRequest,
+    BnPolicy,
+    LrScaling,
+    Rounding,
+    SizingConfig,
+    TrainConfig,
+)
 
 # Ultralytics train arguments a profile may not set: they have options of their own or are the run's identity.
 _RESERVED_ARGS = frozenset({"batch", "nbs", "imgsz", "epochs", "device", "data", "model", "project", "name",
@@ -365,7 +372,9 @@ def _square_images(data: Path | None) -> bool:
     from ultralytics.data.utils import IMG_FORMATS
 
     from yolo_batch import ultralytics_adapter
-    from yolo_batch.data import image_files  # the same listing inspect_dataset counts
+    from yolo_batch.training.data import (
+        image_files,  # the same listing inspect_dataset counts
+    )
 
     files = image_files(ultralytics_adapter.check_dataset(data)["train"], IMG_FORMATS)
     step = max(len(files) // _RECT_SAMPLE, 1)

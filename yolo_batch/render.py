@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console, Group
 from rich.table import Table
 
-from yolo_batch.decision import AutoBatchDecision
+from yolo_batch.training.decision import AutoBatchDecision
 
 if TYPE_CHECKING:
     from yolo_batch.profiles import Profile

@@ -9,23 +9,43 @@ Public API::
 Stages: discover (:mod:`.sources`) -> decode (:mod:`.decode`, thread pool) -> letterbox (:mod:`.letterbox`)
 -> shape buckets (:mod:`.buckets`) -> pinned host batch -> forward + NMS on the device (:mod:`.engine`)
 -> writer thread (:mod:`.writers`), joined by bounded queues (:mod:`.pipeline`). ``results.jsonl`` is the
-resume journal. ``--batch auto`` is :mod:`.auto_batch`; out-of-memory splitting is :mod:`.oom_split`.
+resume journal. ``--batch auto`` is :mod:`.throughput`; out-of-memory splitting is :mod:`.oom_split`.
 """
 
 from __future__ import annotations
 
-from yolo_batch.inference.auto_batch import AutoBatchChoice, ThroughputSample, choose_batch
 from yolo_batch.inference.buckets import PaddingStats, ShapeBuckets
-from yolo_batch.inference.config import BatchSetting, InferConfig, OutputFormat, default_workers
-from yolo_batch.inference.decode import DecodedImage, DecodeError, FailureKind, ImageReader
+from yolo_batch.inference.config import (
+    BatchSetting,
+    InferConfig,
+    OutputFormat,
+    default_workers,
+)
+from yolo_batch.inference.decode import (
+    DecodedImage,
+    DecodeError,
+    FailureKind,
+    ImageReader,
+)
 from yolo_batch.inference.engine import Detection, Engine, NmsSettings
 from yolo_batch.inference.letterbox import Letterbox, plan_letterbox
 from yolo_batch.inference.pipeline import Pipeline, PipelineStats
 from yolo_batch.inference.runner import InferenceSummary, run_inference
 from yolo_batch.inference.sources import discover
+from yolo_batch.inference.throughput import (
+    ThroughputChoice,
+    ThroughputSample,
+    choose_throughput_batch,
+)
+
+# The names these had before ``auto_batch`` became ``throughput``; users' code may still import them.
+AutoBatchChoice = ThroughputChoice
+choose_batch = choose_throughput_batch
 
 __all__ = [
     "AutoBatchChoice",
+    "choose_batch",
+    "ThroughputChoice",
     "BatchSetting",
     "DecodeError",
     "DecodedImage",
@@ -43,7 +63,7 @@ __all__ = [
     "PipelineStats",
     "ShapeBuckets",
     "ThroughputSample",
-    "choose_batch",
+    "choose_throughput_batch",
     "default_workers",
     "discover",
     "plan_letterbox",

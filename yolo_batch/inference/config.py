@@ -9,8 +9,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from yolo_batch.config import DEFAULT_MODEL
 from yolo_batch.errors import InputError
+from yolo_batch.training.config import DEFAULT_MODEL
 
 DEFAULT_OUT = Path("runs/infer")
 MAX_FILE_BYTES = 512 << 20  # a larger image file is treated as a mistake, not decoded

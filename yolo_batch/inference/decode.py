@@ -22,8 +22,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from yolo_batch.images import Window, to_uint8
-from yolo_batch.inference.headers import has_exif, image_size, jpeg_complete, sniff_format
+from yolo_batch.core.images import Window, to_uint8
+from yolo_batch.inference.headers import (
+    has_exif,
+    image_size,
+    jpeg_complete,
+    sniff_format,
+)
 
 log = logging.getLogger(__name__)
 

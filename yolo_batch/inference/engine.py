@@ -17,7 +17,12 @@ from typing import Any
 import numpy as np
 
 from yolo_batch import ultralytics_adapter
-from yolo_batch.inference.letterbox import Letterbox, apply_letterbox, boxes_to_source, plan_letterbox
+from yolo_batch.inference.letterbox import (
+    Letterbox,
+    apply_letterbox,
+    boxes_to_source,
+    plan_letterbox,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Out of device memory during a batch: split it in halves and retry, so no image is lost.
 
-The split is a pure recursion over a ``run`` callable; :func:`yolo_batch.oom.is_oom_error` decides what
+The split is a pure recursion over a ``run`` callable; :func:`yolo_batch.core.oom.is_oom_error` decides what
 counts as out-of-memory and every other error is re-raised. :class:`BatchSize` is the shared, shrinking
 batch size the batching stage reads, so the size that worked is kept for the rest of the run.
 """
@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from yolo_batch.oom import is_oom_error
+from yolo_batch.core.oom import is_oom_error
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,21 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from yolo_batch.inference.buckets import NO_PADDING, PaddingStats, ShapeBuckets, batch_padding
+from yolo_batch.inference.buckets import (
+    NO_PADDING,
+    PaddingStats,
+    ShapeBuckets,
+    batch_padding,
+)
 from yolo_batch.inference.decode import DecodedImage, DecodeError, FailureKind
 from yolo_batch.inference.engine import Detection
 from yolo_batch.inference.letterbox import Letterbox
-from yolo_batch.inference.oom_split import BatchSize, OomEvent, OutOfMemoryAlone, run_with_split
+from yolo_batch.inference.oom_split import (
+    BatchSize,
+    OomEvent,
+    OutOfMemoryAlone,
+    run_with_split,
+)
 from yolo_batch.inference.writers import FailureRecord, ImageRecord
 
 log = logging.getLogger(__name__)

@@ -16,19 +16,34 @@ import numpy as np
 from rich.console import Group
 from rich.table import Table
 
-from yolo_batch.devices import parse_device
+from yolo_batch.core.devices import parse_device
 from yolo_batch.errors import InputError
-from yolo_batch.inference.auto_batch import AUTO_MAX_BATCH, AutoBatchChoice, measure_engine
 from yolo_batch.inference.buckets import NO_PADDING, PaddingStats
 from yolo_batch.inference.config import InferConfig, OutputFormat, default_workers
-from yolo_batch.inference.decode import DecodeError, DecodeLimits, DecoderChoice, ImageReader, choose_jpeg_decoder
+from yolo_batch.inference.decode import (
+    DecodeError,
+    DecodeLimits,
+    DecoderChoice,
+    ImageReader,
+    choose_jpeg_decoder,
+)
 from yolo_batch.inference.engine import Engine, NmsSettings
 from yolo_batch.inference.headers import sniff_format
 from yolo_batch.inference.oom_split import BatchSize, OomEvent
 from yolo_batch.inference.pipeline import Pipeline
 from yolo_batch.inference.progress import NullProgress, ProgressReporter
 from yolo_batch.inference.sources import discover, relative_names
-from yolo_batch.inference.writers import OutputFile, ResultWriter, read_journal, repair_csv
+from yolo_batch.inference.throughput import (
+    AUTO_MAX_BATCH,
+    ThroughputChoice,
+    measure_engine,
+)
+from yolo_batch.inference.writers import (
+    OutputFile,
+    ResultWriter,
+    read_journal,
+    repair_csv,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +73,7 @@ class InferenceSummary:
     streams: int
     decoder: DecoderChoice
     padding: PaddingStats = NO_PADDING
-    batch_choice: AutoBatchChoice | None = None
+    batch_choice: ThroughputChoice | None = None
     oom_events: tuple[OomEvent, ...] = ()
     journal_dropped_lines: int = 0
     pipeline: dict[str, Any] = field(default_factory=dict)
@@ -114,7 +129,7 @@ class InferenceSummary:
 
 
 def run_inference(config: InferConfig, progress: ProgressReporter | None = None,
-                  on_batch_choice: Callable[[AutoBatchChoice], None] | None = None) -> InferenceSummary:
+                  on_batch_choice: Callable[[ThroughputChoice], None] | None = None) -> InferenceSummary:
     """Run (or resume) ``config``; see the module docstring of :mod:`yolo_batch.inference`.
 
     Raises:
@@ -283,7 +298,7 @@ def _jpeg_samples(paths: Sequence[str]) -> list[bytes]:
 
 
 def _auto_batch(engine: Engine, reader: ImageReader, paths: Sequence[str], config: InferConfig,
-                device: Any) -> AutoBatchChoice:
+                device: Any) -> ThroughputChoice:
     """Measure on the run's own first images, in their most common letterboxed shape."""
     prepared = []
     for path in paths:

@@ -16,7 +16,13 @@ order), :mod:`.app` (routes), :mod:`.hotfolder` (watched folder with a crash-saf
 from __future__ import annotations
 
 from yolo_batch.serving.app import create_app
-from yolo_batch.serving.batcher import BatchInfo, DeadlineExceeded, DynamicBatcher, QueueFull, ShuttingDown
+from yolo_batch.serving.batcher import (
+    BatchInfo,
+    DeadlineExceeded,
+    DynamicBatcher,
+    QueueFull,
+    ShuttingDown,
+)
 from yolo_batch.serving.config import SETTINGS, ServeConfig, from_env, resolve
 from yolo_batch.serving.server import serve
 

@@ -18,12 +18,21 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from yolo_batch.inference.auto_batch import AUTO_MAX_BATCH, AutoBatchChoice, measure_engine
-from yolo_batch.inference.decode import DecodeLimits, DecoderChoice, ImageReader, choose_jpeg_decoder
+from yolo_batch.inference.decode import (
+    DecodeLimits,
+    DecoderChoice,
+    ImageReader,
+    choose_jpeg_decoder,
+)
 from yolo_batch.inference.engine import Detection, Engine, NmsSettings
 from yolo_batch.inference.letterbox import Letterbox
 from yolo_batch.inference.oom_split import BatchSize, OutOfMemoryAlone, run_with_split
 from yolo_batch.inference.runner import cpu_parallelism, resolve_device
+from yolo_batch.inference.throughput import (
+    AUTO_MAX_BATCH,
+    ThroughputChoice,
+    measure_engine,
+)
 from yolo_batch.serving.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -91,7 +100,7 @@ class DetectorBackend:
         self.reader = ImageReader(DecodeLimits(config.max_image_bytes, config.max_pixels), window=config.image_window)
         self.batch_size = BatchSize(config.max_batch.fixed or 1)
         self.decoder = DecoderChoice(name="opencv", ms_per_image={})
-        self.batch_choice: AutoBatchChoice | None = None
+        self.batch_choice: ThroughputChoice | None = None
         self.warmup_s = 0.0
         self._saved_threads: int | None = None
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from yolo_batch.decision import AutoBatchDecision
+from yolo_batch.training.decision import AutoBatchDecision
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from typing import Any
 from rich.table import Table
 
 from yolo_batch import ultralytics_adapter
-from yolo_batch.autobatch import estimate_batch
-from yolo_batch.config import SizingConfig
-from yolo_batch.data import inspect_dataset, resolve_data
-from yolo_batch.decision import gib
-from yolo_batch.oom import is_oom_error
+from yolo_batch.core.oom import is_oom_error
+from yolo_batch.training.autobatch import estimate_batch
+from yolo_batch.training.config import SizingConfig
+from yolo_batch.training.data import inspect_dataset, resolve_data
+from yolo_batch.training.decision import gib
 
 
 @dataclass(frozen=True)

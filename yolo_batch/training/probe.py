@@ -13,10 +13,11 @@ import gc
 import logging
 import time
 from dataclasses import dataclass
+
 import torch
 
-from yolo_batch.decision import ProbeSample
-from yolo_batch.oom import is_oom_error
+from yolo_batch.core.oom import is_oom_error
+from yolo_batch.training.decision import ProbeSample
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ class LrScaling(str, Enum):
 
 
 class BnPolicy(str, Enum):
-    """What BatchNorm does during training (``--bn``); see :mod:`yolo_batch.batchnorm`."""
+    """What BatchNorm does during training (``--bn``); see :mod:`yolo_batch.training.batchnorm`."""
 
     AUTO = "auto"  # decided from the per-device batch, the GPU count and whether training starts from weights
     TRAIN = "train"  # Ultralytics' behaviour: batch statistics, running statistics updated

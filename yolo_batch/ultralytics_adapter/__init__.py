@@ -310,7 +310,7 @@ def reference_letterbox(image: Any, imgsz: int, stride: int, auto: bool) -> Any:
     return LetterBox(imgsz, auto=auto, stride=stride)(image=image)
 
 
-# --- Deep images for training (yolo_batch.images) ------------------------------------------------------------------
+# --- Deep images for training (yolo_batch.core.images) ------------------------------------------------------------------
 # One more reach past the public API, checked by tests/test_images.py: ``ultralytics.data.base.imread``, the name
 # through which BaseDataset.load_image (and its RAM/disk caches) reads every training and validation image.
 # Ultralytics keeps the high byte of 16-bit images; ours scales them (and float TIFFs) with images.to_uint8.
@@ -330,7 +330,7 @@ class DeepImageReader:
         import cv2
         import numpy as np
 
-        from yolo_batch.images import png_bit_depth, to_uint8
+        from yolo_batch.core.images import png_bit_depth, to_uint8
 
         flags = cv2.IMREAD_COLOR if flags is None else flags
         name = str(filename)

@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from yolo_batch.config import BnPolicy
+from yolo_batch.training.config import BnPolicy
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from yolo_batch.decision import ProbeSample
+from yolo_batch.training.decision import ProbeSample
 
 
 @dataclass(frozen=True)

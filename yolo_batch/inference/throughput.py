@@ -1,7 +1,7 @@
 """``--batch auto`` for inference: the smallest batch within 5 % of the best measured throughput.
 
 Not a memory fill: beyond the point where the device is busy a bigger batch only adds latency and
-memory. :func:`choose_batch` is pure (tested with plain numbers); :func:`measure_throughput` times a
+memory. :func:`choose_throughput_batch` is pure (tested with plain numbers); :func:`measure_throughput` times a
 ``run_batch`` callable at growing sizes; :func:`measure_engine` binds that to a real engine and device.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from yolo_batch.oom import is_oom_error
+from yolo_batch.core.oom import is_oom_error
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class ThroughputSample:
 
 
 @dataclass(frozen=True)
-class AutoBatchChoice:
+class ThroughputChoice:
     """The chosen batch with the measurements and limits behind it."""
 
     batch: int
@@ -83,8 +83,8 @@ def _limits_note(s: ThroughputSample, max_latency_ms: float | None, budget: int 
     return ", ".join(notes)
 
 
-def choose_batch(samples: Sequence[ThroughputSample], tolerance: float = TOLERANCE,
-                 max_latency_ms: float | None = None, memory_budget_bytes: int | None = None) -> AutoBatchChoice:
+def choose_throughput_batch(samples: Sequence[ThroughputSample], tolerance: float = TOLERANCE,
+                 max_latency_ms: float | None = None, memory_budget_bytes: int | None = None) -> ThroughputChoice:
     """The smallest batch whose throughput is within ``tolerance`` of the best batch that fits the limits.
 
     Raises:
@@ -100,7 +100,7 @@ def choose_batch(samples: Sequence[ThroughputSample], tolerance: float = TOLERAN
     ordered = tuple(sorted(samples, key=lambda s: s.batch))
     if not fits:
         smallest = min(s.batch for s in samples)
-        return AutoBatchChoice(batch=smallest, samples=ordered, best_images_per_s=0.0, tolerance=tolerance,
+        return ThroughputChoice(batch=smallest, samples=ordered, best_images_per_s=0.0, tolerance=tolerance,
                                max_latency_ms=max_latency_ms, memory_budget_bytes=memory_budget_bytes,
                                reason=f"no measured batch fits the limits: using the smallest, {smallest}")
     best = max(fits, key=lambda s: s.images_per_s)
@@ -112,7 +112,7 @@ def choose_batch(samples: Sequence[ThroughputSample], tolerance: float = TOLERAN
                   f"({best.images_per_s:.1f} at batch {best.batch})")
     if max_latency_ms is not None:
         reason += f"; latency {chosen.latency_ms:.0f} <= {max_latency_ms:.0f} ms"
-    return AutoBatchChoice(batch=chosen.batch, samples=ordered, best_images_per_s=best.images_per_s,
+    return ThroughputChoice(batch=chosen.batch, samples=ordered, best_images_per_s=best.images_per_s,
                            tolerance=tolerance, max_latency_ms=max_latency_ms,
                            memory_budget_bytes=memory_budget_bytes, reason=reason)
 
@@ -168,7 +168,7 @@ def measure_throughput(run_batch: Callable[[int], int | None], sizes: Sequence[i
 
 
 def measure_engine(engine: Any, letterboxed: Sequence[np.ndarray], plans: Sequence[Any], max_batch: int,
-                   max_latency_ms: float | None) -> AutoBatchChoice:
+                   max_latency_ms: float | None) -> ThroughputChoice:
     """Measure ``engine`` on real letterboxed images of one shape (repeated to fill a batch), then choose."""
     import torch
 
@@ -185,7 +185,7 @@ def measure_engine(engine: Any, letterboxed: Sequence[np.ndarray], plans: Sequen
 
     samples = measure_throughput(run_batch, candidate_sizes(max_batch), max_latency_ms=max_latency_ms,
                                  memory_budget_bytes=budget, on_oom=engine.release)
-    return choose_batch(samples, max_latency_ms=max_latency_ms, memory_budget_bytes=budget)
+    return choose_throughput_batch(samples, max_latency_ms=max_latency_ms, memory_budget_bytes=budget)
 
 
 def _memory_budget(device: Any) -> int | None:
@@ -194,7 +194,7 @@ def _memory_budget(device: Any) -> int | None:
         return None
     import torch
 
-    from yolo_batch.nvml import NvmlUnavailable, read_gpus
+    from yolo_batch.core.nvml import NvmlUnavailable, read_gpus
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     try:

@@ -17,16 +17,21 @@ from types import ModuleType
 from typing import Any, Protocol
 
 from yolo_batch import __version__, ultralytics_adapter
-from yolo_batch.batch_search import NoBatchFits, round_batch, search_batch
-from yolo_batch.batchnorm import choose_bn_policy
-from yolo_batch.cache import DecisionCache, cache_key, model_fingerprint
-from yolo_batch.config import SizingConfig
-from yolo_batch.data import DatasetInfo, cache_dir, inspect_dataset, resolve_data
-from yolo_batch.decision import AutoBatchDecision, GpuBudget, ProbeSample
-from yolo_batch.devices import DeviceSelection, parse_device
+from yolo_batch.core.devices import DeviceSelection, parse_device
+from yolo_batch.core.nvml import GpuMemory, NvmlUnavailable, read_gpus
 from yolo_batch.errors import InputError, YoloBatchError
-from yolo_batch.nvml import GpuMemory, NvmlUnavailable, read_gpus
-from yolo_batch.scaling import plan_scaling
+from yolo_batch.training.batchnorm import choose_bn_policy
+from yolo_batch.training.cache import DecisionCache, cache_key, model_fingerprint
+from yolo_batch.training.config import SizingConfig
+from yolo_batch.training.data import (
+    DatasetInfo,
+    cache_dir,
+    inspect_dataset,
+    resolve_data,
+)
+from yolo_batch.training.decision import AutoBatchDecision, GpuBudget, ProbeSample
+from yolo_batch.training.scaling import plan_scaling
+from yolo_batch.training.search import NoBatchFits, round_batch, search_batch
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +58,17 @@ class TorchCudaBackend:
     """The real backend: torch CUDA and Ultralytics' DetectionModel."""
 
     def device_count(self) -> int:
-        from yolo_batch.probe import cuda_device_count
+        from yolo_batch.training.probe import cuda_device_count
 
         return cuda_device_count()
 
     def init_context(self, index: int) -> int:
-        from yolo_batch.probe import cuda_context_bytes, device_for
+        from yolo_batch.training.probe import cuda_context_bytes, device_for
 
         return cuda_context_bytes(device_for(index))
 
     def make_probe(self, model: Any, nc: int, setup: Any, index: int) -> Probe:
-        from yolo_batch.probe import TrainingProbe, device_for
+        from yolo_batch.training.probe import TrainingProbe, device_for
 
         return TrainingProbe(ultralytics_adapter.detection_model(model, nc, {}), setup, device_for(index))
 
@@ -135,7 +140,7 @@ def estimate_batch(
                                gpus=budgets, cached=cached)
             notes.append("cached decision no longer fits: other processes now hold more memory; re-measuring")
 
-    from yolo_batch.probe import ProbeSetup
+    from yolo_batch.training.probe import ProbeSetup
 
     setup = ProbeSetup(imgsz=config.imgsz, amp=config.amp, targets_per_image=info.worst_case_targets, nc=info.nc,
                        optimizer=config.optimizer, val_images=info.val_images or None)

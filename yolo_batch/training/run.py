@@ -10,12 +10,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from yolo_batch import batchnorm, ultralytics_adapter
-from yolo_batch.autobatch import GpuBackend, estimate_batch
-from yolo_batch.config import BnPolicy, SizingConfig, TrainConfig
-from yolo_batch.data import resolve_data
-from yolo_batch.decision import AutoBatchDecision
+from yolo_batch import ultralytics_adapter
 from yolo_batch.errors import InputError
+from yolo_batch.training import batchnorm
+from yolo_batch.training.autobatch import GpuBackend, estimate_batch
+from yolo_batch.training.config import BnPolicy, SizingConfig, TrainConfig
+from yolo_batch.training.data import resolve_data
+from yolo_batch.training.decision import AutoBatchDecision
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from yolo_batch.config import Rounding
-from yolo_batch.decision import ProbeSample, gib
-from yolo_batch.memory_curve import fit_memory_curve
+from yolo_batch.training.config import Rounding
+from yolo_batch.training.decision import ProbeSample, gib
+from yolo_batch.training.memory_curve import fit_memory_curve
 
 Measure = Callable[[int], ProbeSample]
 

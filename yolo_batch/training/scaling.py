@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from yolo_batch.config import LrScaling
+from yolo_batch.training.config import LrScaling
 
 ADAM_FAMILY = frozenset({"adam", "adamw", "adamax", "nadam", "radam"})
 SGD_FAMILY = frozenset({"sgd", "musgd", "rmsprop"})

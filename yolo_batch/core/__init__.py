@@ -1,0 +1,1 @@
+"""Shared infrastructure: devices, NVML, out-of-memory detection, images, validation rules, journals."""
