@@ -22,7 +22,6 @@ from yolo_batch.cli import main
 from yolo_batch.training.batchnorm import (
     ConvertToSyncBatchNorm,
     FreezeBatchNorm,
-    attach,
     callbacks_for,
     choose_bn_policy,
     convert_to_sync,
@@ -97,9 +96,8 @@ def test_callbacks_for_each_policy():
     assert callbacks_for(T) == []
     with pytest.raises(ValueError, match="resolve 'auto'"):
         callbacks_for(BnPolicy.AUTO)
-    seen = []
-    attach(SimpleNamespace(add_callback=lambda event, fn: seen.append((event, type(fn)))), F)
-    assert seen == [("on_train_batch_start", FreezeBatchNorm)]
+    assert [c.event for c in callbacks_for(F)] == ["on_train_batch_start"]  # after Ultralytics' model.train()
+    assert [c.event for c in callbacks_for(S)] == ["on_pretrain_routine_end"]
 
 
 def detection_model():

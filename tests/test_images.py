@@ -176,17 +176,19 @@ def test_8_bit_images_are_left_to_ultralytics(deep_files, name):
     assert base.imread(deep_files[name].with_name("missing.png")) is None
 
 
-def test_the_reader_reaches_ddp_workers_when_callbacks_are_unpickled():
-    hook = pickle.dumps(ua.DeepImagesInWorkers((0.0, 4095.0)))
+def test_the_reader_and_offline_guards_reach_ddp_workers_when_callbacks_are_unpickled():
+    hook = pickle.dumps(ua.WorkerSetup((0.0, 4095.0)))
     script = (
-        "import pickle, sys\n"
+        "import os, pickle, sys\n"
         "hook = pickle.loads(sys.stdin.buffer.read())\n"
         "from ultralytics.data import base\n"
-        "print(type(base.imread).__name__, base.imread.window, type(hook).__name__)\n"
+        "from ultralytics.utils import checks\n"
+        "print(type(base.imread).__name__, base.imread.window, type(hook).__name__, os.environ.get('YOLO_OFFLINE'),\n"
+        "      checks.check_font.__name__)\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], input=hook, capture_output=True, check=True,
-                         env={**os.environ, "YOLO_OFFLINE": "1"})
-    assert out.stdout.decode().splitlines()[-1] == "DeepImageReader (0.0, 4095.0) DeepImagesInWorkers"
+    env = {k: v for k, v in os.environ.items() if k != "YOLO_OFFLINE"}
+    out = subprocess.run([sys.executable, "-c", script], input=hook, capture_output=True, check=True, env=env)
+    assert out.stdout.decode().splitlines()[-1] == "DeepImageReader (0.0, 4095.0) WorkerSetup 1 local_font"
 
 
 @pytest.mark.slow

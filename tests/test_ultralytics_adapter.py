@@ -26,33 +26,159 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
-def test_the_patched_internals_still_exist_where_we_patch_them():
+def test_every_ultralytics_name_we_depend_on_exists():
+    from yolo_batch.ultralytics_adapter.names import check_dependencies, resolve
+
+    check_dependencies()
+    missing = []
+    for dependency in ua.DEPENDS_ON:
+        try:
+            resolve(dependency.name)
+        except (AttributeError, ImportError):
+            missing.append(dependency.name)
+    assert missing == []
+
+
+def test_a_moved_name_is_one_line_naming_it_and_the_supported_versions(monkeypatch):
+    from yolo_batch.ultralytics_adapter import names
+
+    moved = names.Dependency("ultralytics.utils.checks.check_font_renamed", "fonts")
+    monkeypatch.setattr(names, "DEPENDS_ON", (*names.DEPENDS_ON, moved))
+    names.check_dependencies.cache_clear()
+    try:
+        with pytest.raises(ua.UltralyticsMismatch) as info:
+            names.check_dependencies()
+    finally:
+        names.check_dependencies.cache_clear()
+    message = str(info.value)
+    assert "ultralytics.utils.checks.check_font_renamed" in message and "8.4.x" in message and "\n" not in message
+
+
+def test_the_object_attributes_we_read_are_still_where_ultralytics_sets_them():
     ua.import_ultralytics()
     import inspect
 
+    from ultralytics.engine.trainer import BaseTrainer
+
+    setup = inspect.getsource(BaseTrainer)
+    for attribute in ("self.accumulate =", "self.save_dir =", "self.model ="):
+        assert attribute in setup, attribute
+    model = ua.load_model("yolo11n.yaml")
+    assert isinstance(model.model.yaml, dict)
+    net = model.model
+    for attribute in ("loss", "fuse", "stride", "names", "end2end"):
+        assert hasattr(net, attribute), attribute
+
+
+def _patched_state():
     from ultralytics.data import utils as data_utils
     from ultralytics.engine import trainer
     from ultralytics.utils import checks, plotting
 
-    # Ultralytics imports these by name into the modules that use them; that is where we replace them.
-    for module in (checks, plotting, data_utils):
-        assert getattr(module.check_font, "_yolo_batch_offline", False), module.__name__
-    assert getattr(trainer.check_amp, "_yolo_batch_offline", False)
+    return [m.check_font for m in (checks, plotting, data_utils)] + [trainer.check_amp]
+
+
+def test_guards_apply_inside_a_call_only_and_are_restored_after_an_error():
+    import inspect
+
+    ua.import_ultralytics()
+    from ultralytics.data import utils as data_utils
+    from ultralytics.engine import trainer
+    from ultralytics.utils import plotting
+
+    before = _patched_state()
+    with pytest.raises(RuntimeError, match="boom"), ua.offline():
+        inside = _patched_state()
+        assert ua.guards_active()
+        raise RuntimeError("boom")
+    assert not ua.guards_active()
+    assert _patched_state() == before  # Ultralytics' own functions again
+    assert [f.__name__ for f in inside] == ["local_font"] * 3 + ["check_amp"]
+    assert all(a is not b for a, b in zip(inside, before))
+    # Ultralytics calls them by these names from where it uses them: that is where they are replaced.
     assert "check_font(" in inspect.getsource(plotting.Annotator.__init__)
     assert "check_font(" in inspect.getsource(data_utils.check_det_dataset)
     assert "check_amp(" in inspect.getsource(trainer.BaseTrainer._setup_train)
 
 
-def test_fonts_come_from_disk_not_the_network(no_network):
-    ua.import_ultralytics()
-    from ultralytics.utils import plotting
+def test_nested_and_concurrent_calls_keep_the_guards_until_the_last_one_ends():
+    import threading
 
-    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
-        path = Path(plotting.check_font(name))
-        assert path.is_file() and path.suffix == ".ttf"
-    annotator = plotting.Annotator(__import__("numpy").zeros((64, 64, 3), "uint8"), pil=True)
-    annotator.box_label([2, 2, 40, 40], "défaut")  # non-ASCII label takes the Unicode font path
-    assert annotator.result().shape == (64, 64, 3)
+    ua.import_ultralytics()
+    before = _patched_state()
+    entered, release = threading.Event(), threading.Event()
+
+    def other_call():
+        with ua.offline():
+            entered.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=other_call)
+    with ua.offline():
+        thread.start()
+        assert entered.wait(10)
+        with ua.offline():
+            pass
+    assert ua.guards_active() and _patched_state() != before  # the other thread is still inside
+    release.set()
+    thread.join(10)
+    assert not ua.guards_active() and _patched_state() == before
+
+
+@pytest.mark.parametrize("user_value", [None, "0", "1"])
+def test_yolo_offline_is_set_for_a_call_and_a_user_value_is_respected(monkeypatch, user_value):
+    import os
+
+    if user_value is None:
+        monkeypatch.delenv("YOLO_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("YOLO_OFFLINE", user_value)
+    with ua.offline():
+        assert os.environ.get("YOLO_OFFLINE") == (user_value or "1")  # DDP workers inherit it
+    assert os.environ.get("YOLO_OFFLINE") == user_value  # ours is not left behind
+
+
+def test_importing_the_package_and_the_cli_changes_nothing_and_loads_no_framework():
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys\n"
+        "import yolo_batch, yolo_batch.cli, yolo_batch.inference, yolo_batch.serving, yolo_batch.serving.batcher\n"
+        "heavy = sorted(m for m in ('ultralytics', 'torch', 'fastapi', 'uvicorn', 'cv2') if m in sys.modules)\n"
+        "print(heavy, 'YOLO_OFFLINE' in os.environ)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "YOLO_OFFLINE"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "[] False"
+
+
+def test_only_the_adapter_imports_ultralytics():
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in [*root.joinpath("yolo_batch").rglob("*.py"), *root.joinpath("datasets").rglob("*.py")]:
+        if "ultralytics_adapter" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "ultralytics" or n.startswith("ultralytics.") for n in names):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert offenders == []
+
+
+def test_fonts_come_from_disk_not_the_network(no_network):
+    with ua.offline():
+        from ultralytics.utils import plotting
+
+        for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+            path = Path(plotting.check_font(name))
+            assert path.is_file() and path.suffix == ".ttf"
+        annotator = plotting.Annotator(__import__("numpy").zeros((64, 64, 3), "uint8"), pil=True)
+        annotator.box_label([2, 2, 40, 40], "défaut")  # non-ASCII label takes the Unicode font path
+        assert annotator.result().shape == (64, 64, 3)
 
 
 def test_dataset_check_does_not_fetch_fonts(no_network, shapes_yaml):
@@ -60,17 +186,30 @@ def test_dataset_check_does_not_fetch_fonts(no_network, shapes_yaml):
 
 
 def test_amp_check_never_downloads_reference_weights(no_network):
-    ua.import_ultralytics()
-    from ultralytics.engine import trainer
+    with ua.offline():
+        from ultralytics.engine import trainer
 
-    model = ua.load_model("yolo11n.yaml").model
-    assert trainer.check_amp(model) is False  # CPU: AMP off, decided without yolo26n.pt
+        model = ua.load_model("yolo11n.yaml").model
+        assert trainer.check_amp(model) is False  # CPU: AMP off, decided without yolo26n.pt
+
+
+class _AutocastBreaks(torch.nn.Module):
+    """A model whose output under autocast is garbage: the comparison must catch it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        out = self.conv(x)
+        return out * 3 + 1 if torch.is_autocast_enabled(x.device.type) else out
 
 
 def test_amp_forward_comparison_runs_on_the_model_itself():
     model = ua.load_model("yolo11n.yaml").model
-    assert ua.amp_forward_matches(model, imgsz=64) in (True, False)
+    assert ua.amp_forward_matches(model, imgsz=64) is True  # bf16 autocast on CPU stays close for a sound model
     assert model.training  # mode restored
+    assert ua.amp_forward_matches(_AutocastBreaks(), imgsz=64) is False
 
 
 @pytest.mark.parametrize(

@@ -26,12 +26,10 @@ class TrainerSpy:
 
         original = ultralytics_adapter.train
 
-        def train(model: Any, overrides: Any, on_start: Any = None) -> Any:
-            model.add_callback("on_pretrain_routine_end", self._setup)
-            model.add_callback("on_train_start", self._start)
-            model.add_callback("on_train_batch_end", self._batch)
-            model.add_callback("on_train_epoch_end", self._epoch)
-            return original(model, overrides, on_start=on_start)
+        def train(model: Any, overrides: Any, *, callbacks: Any = (), **kwargs: Any) -> Any:
+            spies = [("on_pretrain_routine_end", self._setup), ("on_train_start", self._start),
+                     ("on_train_batch_end", self._batch), ("on_train_epoch_end", self._epoch)]
+            return original(model, overrides, callbacks=[*callbacks, *spies], **kwargs)
 
         monkeypatch.setattr(ultralytics_adapter, "train", train)
         return self

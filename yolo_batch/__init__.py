@@ -9,11 +9,21 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from yolo_batch.errors import InputError, YoloBatchError
-from yolo_batch.training.autobatch import estimate_batch
-from yolo_batch.training.config import BatchRequest, Rounding, SizingConfig, TrainConfig
-from yolo_batch.training.decision import AutoBatchDecision
-from yolo_batch.training.run import TrainResult, train
+from typing import TYPE_CHECKING
+
+from yolo_batch.core.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from yolo_batch.errors import InputError, YoloBatchError
+    from yolo_batch.training.autobatch import estimate_batch
+    from yolo_batch.training.config import (
+        BatchRequest,
+        Rounding,
+        SizingConfig,
+        TrainConfig,
+    )
+    from yolo_batch.training.decision import AutoBatchDecision
+    from yolo_batch.training.run import TrainResult, train
 
 __all__ = [
     "AutoBatchDecision",
@@ -28,3 +38,5 @@ __all__ = [
     "estimate_batch",
     "train",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__)

@@ -369,14 +369,13 @@ def _square_images(data: Path | None) -> bool:
     if data is None:
         return True
     from PIL import Image
-    from ultralytics.data.utils import IMG_FORMATS
 
     from yolo_batch import ultralytics_adapter
     from yolo_batch.training.data import (
         image_files,  # the same listing inspect_dataset counts
     )
 
-    files = image_files(ultralytics_adapter.check_dataset(data)["train"], IMG_FORMATS)
+    files = image_files(ultralytics_adapter.check_dataset(data)["train"], ultralytics_adapter.image_formats())
     step = max(len(files) // _RECT_SAMPLE, 1)
     sizes = []
     for path in files[::step][:_RECT_SAMPLE]:

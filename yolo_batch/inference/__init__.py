@@ -14,33 +14,39 @@ resume journal. ``--batch auto`` is :mod:`.throughput`; out-of-memory splitting 
 
 from __future__ import annotations
 
-from yolo_batch.inference.buckets import PaddingStats, ShapeBuckets
-from yolo_batch.inference.config import (
-    BatchSetting,
-    InferConfig,
-    OutputFormat,
-    default_workers,
-)
-from yolo_batch.inference.decode import (
-    DecodedImage,
-    DecodeError,
-    FailureKind,
-    ImageReader,
-)
-from yolo_batch.inference.engine import Detection, Engine, NmsSettings
-from yolo_batch.inference.letterbox import Letterbox, plan_letterbox
-from yolo_batch.inference.pipeline import Pipeline, PipelineStats
-from yolo_batch.inference.runner import InferenceSummary, run_inference
-from yolo_batch.inference.sources import discover
-from yolo_batch.inference.throughput import (
-    ThroughputChoice,
-    ThroughputSample,
-    choose_throughput_batch,
-)
+from typing import TYPE_CHECKING
 
-# The names these had before ``auto_batch`` became ``throughput``; users' code may still import them.
-AutoBatchChoice = ThroughputChoice
-choose_batch = choose_throughput_batch
+from yolo_batch.core.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from yolo_batch.inference.buckets import PaddingStats, ShapeBuckets
+    from yolo_batch.inference.config import (
+        BatchSetting,
+        InferConfig,
+        OutputFormat,
+        default_workers,
+    )
+    from yolo_batch.inference.decode import (
+        DecodedImage,
+        DecodeError,
+        FailureKind,
+        ImageReader,
+    )
+    from yolo_batch.inference.engine import Detection, Engine, NmsSettings
+    from yolo_batch.inference.letterbox import Letterbox, plan_letterbox
+    from yolo_batch.inference.pipeline import Pipeline, PipelineStats
+    from yolo_batch.inference.runner import InferenceSummary, run_inference
+    from yolo_batch.inference.sources import discover
+    from yolo_batch.inference.throughput import (
+        ThroughputChoice,
+        ThroughputSample,
+        choose_throughput_batch,
+    )
+
+    # The names these had before ``auto_batch`` became ``throughput``; users' code may still import them.
+    from yolo_batch.inference.throughput import ThroughputChoice as AutoBatchChoice
+    from yolo_batch.inference.throughput import choose_throughput_batch as choose_batch
+
 
 __all__ = [
     "AutoBatchChoice",
@@ -69,3 +75,5 @@ __all__ = [
     "plan_letterbox",
     "run_inference",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__)

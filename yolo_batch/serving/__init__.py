@@ -15,16 +15,21 @@ order), :mod:`.app` (routes), :mod:`.hotfolder` (watched folder with a crash-saf
 
 from __future__ import annotations
 
-from yolo_batch.serving.app import create_app
-from yolo_batch.serving.batcher import (
-    BatchInfo,
-    DeadlineExceeded,
-    DynamicBatcher,
-    QueueFull,
-    ShuttingDown,
-)
-from yolo_batch.serving.config import SETTINGS, ServeConfig, from_env, resolve
-from yolo_batch.serving.server import serve
+from typing import TYPE_CHECKING
+
+from yolo_batch.core.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from yolo_batch.serving.app import create_app
+    from yolo_batch.serving.batcher import (
+        BatchInfo,
+        DeadlineExceeded,
+        DynamicBatcher,
+        QueueFull,
+        ShuttingDown,
+    )
+    from yolo_batch.serving.config import SETTINGS, ServeConfig, from_env, resolve
+    from yolo_batch.serving.server import serve
 
 __all__ = [
     "SETTINGS",
@@ -39,3 +44,5 @@ __all__ = [
     "resolve",
     "serve",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__)

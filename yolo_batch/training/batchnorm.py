@@ -163,8 +163,3 @@ def callbacks_for(policy: BnPolicy) -> list[FreezeBatchNorm | ConvertToSyncBatch
         return [ConvertToSyncBatchNorm()]
     return []
 
-
-def attach(model: Any, policy: BnPolicy) -> None:
-    """Register the callbacks for ``policy`` on a YOLO model (``model.add_callback``) before ``model.train``."""
-    for callback in callbacks_for(policy):
-        model.add_callback(callback.event, callback)

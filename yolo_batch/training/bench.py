@@ -95,15 +95,10 @@ def run_autobatch_bench(config: SizingConfig) -> BenchReport:
 def _ultralytics_choice(config: SizingConfig, max_num_obj: int, dataset_size: int, device: Any) -> tuple[int, float]:
     import torch
 
-    ultralytics_adapter.import_ultralytics()
-    from ultralytics.utils.autobatch import check_train_batch_size
-
     info = inspect_dataset(config.data)
     model = ultralytics_adapter.detection_model(ultralytics_adapter.load_model(config.model), info.nc, {}).to(device)
-    torch.backends.cudnn.benchmark = False  # Ultralytics' AutoBatch refuses to run with it on
     start = time.perf_counter()
-    batch = check_train_batch_size(model, imgsz=config.imgsz, amp=config.amp, batch=-1, max_num_obj=max_num_obj,
-                                   dataset_size=dataset_size)
+    batch = ultralytics_adapter.ultralytics_batch_size(model, config.imgsz, config.amp, max_num_obj, dataset_size)
     seconds = time.perf_counter() - start
     del model
     torch.cuda.empty_cache()

@@ -51,14 +51,13 @@ def inspect_dataset(data: str | Path) -> DatasetInfo:
         InputError: the yaml or its folders are missing or malformed, or the train split is empty.
     """
     resolved = ultralytics_adapter.check_dataset(data)
-    from ultralytics.data.utils import IMG_FORMATS, img2label_paths
-
-    train = image_files(resolved["train"], IMG_FORMATS)
-    val = image_files(resolved["val"], IMG_FORMATS)
+    formats = ultralytics_adapter.image_formats()
+    train = image_files(resolved["train"], formats)
+    val = image_files(resolved["val"], formats)
     if not train:
         raise InputError(f"no training images found for {data} (looked in {resolved['train']})")
     max_objects = 0
-    for label in img2label_paths([str(p) for p in train]):
+    for label in ultralytics_adapter.label_paths(train):
         try:
             with open(label) as f:
                 max_objects = max(max_objects, sum(1 for line in f if line.strip()))

@@ -108,13 +108,11 @@ def train(
         seen["accumulate"] = trainer.accumulate
         decision.save(Path(trainer.save_dir) / DECISION_FILE)
 
+    callbacks: list[ultralytics_adapter.TrainerCallback] = [("on_pretrain_routine_end", write_decision)]
     if decision.bn_policy is not None:
-        batchnorm.attach(model, BnPolicy(decision.bn_policy))
-    reader_hook = ultralytics_adapter.DeepImagesInWorkers(config.image_window)
-    model.add_callback(reader_hook.event, reader_hook)
-    with ultralytics_adapter.deep_image_reader(config.image_window):  # 16-bit images scaled, not truncated
-        trainer = ultralytics_adapter.train(model, ultralytics_overrides(config, decision, data),
-                                            on_start=write_decision)
+        callbacks += [(c.event, c) for c in batchnorm.callbacks_for(BnPolicy(decision.bn_policy))]
+    trainer = ultralytics_adapter.train(model, ultralytics_overrides(config, decision, data), callbacks=callbacks,
+                                        image_window=config.image_window)
     save_dir = Path(trainer.save_dir)
     decision_path = save_dir / DECISION_FILE
     if not decision_path.exists():  # DDP runs its callbacks in the worker processes

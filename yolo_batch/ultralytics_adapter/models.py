@@ -1,0 +1,125 @@
+"""Models: loading them (never downloading), the probe's DetectionModel, and the network prepared for inference.
+
+Inference reaches three names past the public API (see :mod:`.names`): ``YOLO.model`` (the DetectionModel with
+``fuse``, ``stride``, ``names``, ``end2end``), ``ultralytics.utils.nms.non_max_suppression`` (what
+``DetectionPredictor.postprocess`` calls) and ``ultralytics.data.augment.LetterBox`` (to test our copy).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from yolo_batch.errors import InputError
+from yolo_batch.ultralytics_adapter.session import offline, one_line, quiet
+
+
+def load_model(spec: str) -> Any:
+    """Load a detection model from an Ultralytics yaml name or a local ``.pt``, never downloading.
+
+    Raises:
+        InputError: unknown yaml, missing or unreadable .pt, or a model that is not a detector.
+    """
+    path = Path(spec)
+    if path.suffix == ".pt":
+        if not path.is_file():
+            raise InputError(f"model file not found: {spec} (weights are never downloaded; pass a local .pt)")
+    elif path.suffix not in {".yaml", ".yml"}:
+        raise InputError(f"unknown model '{spec}': use an Ultralytics yaml name such as yolo11n.yaml or a local .pt")
+    with offline() as ultralytics:
+        try:
+            model = ultralytics.YOLO(str(spec))
+        except FileNotFoundError:
+            raise InputError(f"unknown model '{spec}': no such Ultralytics yaml or file") from None
+        except (RuntimeError, KeyError, TypeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as exc:
+            raise InputError(f"cannot load model '{spec}': {one_line(exc)}") from None
+    if model.task != "detect":
+        raise InputError(f"model '{spec}' is a {model.task} model; yolo-batch trains detection models")
+    return model
+
+
+def detection_model(model: Any, nc: int, hyp: Mapping[str, Any]) -> Any:
+    """A fresh DetectionModel with ``nc`` classes and the run's loss gains, as the trainer builds it."""
+    with quiet():
+        from ultralytics.cfg import get_cfg
+        from ultralytics.nn.tasks import DetectionModel
+
+        built = DetectionModel(model.model.yaml, nc=nc, verbose=False)
+        built.args = get_cfg(overrides=dict(hyp))
+    return built
+
+
+def versions() -> dict[str, str]:
+    """Library versions that change memory behaviour (cache key, benchmark records)."""
+    import torch
+
+    with offline() as ultralytics:
+        return {"ultralytics": ultralytics.__version__, "torch": torch.__version__}
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceNetwork:
+    """A detection network prepared for inference the way Ultralytics' predictor prepares it."""
+
+    module: Any  # fused, eval mode, gradients off, on its device
+    stride: int
+    names: Mapping[int, str]
+    end2end: bool  # NMS-free head: outputs are already (x1, y1, x2, y2, score, class) rows
+    device: Any
+    half: bool
+    channels_last: bool
+
+
+def inference_network(model: Any, device: Any, half: bool, channels_last: bool | None = None) -> InferenceNetwork:
+    """Fuse Conv+BN of a copy of ``model.model``, move it to ``device`` and set its precision and memory format.
+
+    Args:
+        model: a YOLO object from :func:`load_model`.
+        device: a ``torch.device``.
+        half: FP16 weights (ignored on CPU, where Ultralytics also stays FP32).
+        channels_last: None follows Ultralytics: on for CUDA and for x86 CPUs with oneDNN.
+    """
+    import torch
+
+    network = copy.deepcopy(model.model)
+    with quiet():
+        network = network.fuse(verbose=False) if hasattr(network, "fuse") else network
+    half = bool(half) and device.type != "cpu"
+    if channels_last is None:
+        channels_last = device.type == "cuda" or (
+            device.type == "cpu" and platform.machine() in {"AMD64", "x86_64"} and torch.backends.mkldnn.is_available()
+        )
+    network = network.to(device)
+    network = network.half() if half else network.float()
+    network = network.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for parameter in network.parameters():
+        parameter.requires_grad = False
+    network.eval()
+    stride = max(int(network.stride.max()), 32) if hasattr(network, "stride") else 32
+    names = {int(k): str(v) for k, v in dict(getattr(network, "names", {}) or {}).items()}
+    return InferenceNetwork(module=network, stride=stride, names=names,
+                            end2end=bool(getattr(network, "end2end", False)), device=device, half=half,
+                            channels_last=bool(channels_last))
+
+
+def non_max_suppression(raw: Any, conf: float, iou: float, classes: Sequence[int] | None, max_det: int,
+                        end2end: bool) -> list[Any]:
+    """Ultralytics' own NMS with DetectionPredictor's arguments: per image an (n, 6) tensor (xyxy, score, class)."""
+    from ultralytics.utils.nms import non_max_suppression as nms
+
+    # A generous time limit: Ultralytics silently truncates NMS after 2 s + 0.05 s/image, which a loaded CPU can hit.
+    return nms(raw, conf, iou, list(classes) if classes else None, False, max_det=max_det, nc=0,
+               end2end=end2end, max_time_img=0.5)
+
+
+def reference_letterbox(image: Any, imgsz: int, stride: int, auto: bool) -> Any:
+    """Ultralytics' LetterBox as the predictor builds it (for checking our copy in tests)."""
+    with offline():
+        from ultralytics.data.augment import LetterBox
+
+        return LetterBox(imgsz, auto=auto, stride=stride)(image=image)

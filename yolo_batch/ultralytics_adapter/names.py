@@ -1,0 +1,109 @@
+"""Every Ultralytics name yolo-batch depends on, in one list, checked once when Ultralytics is first imported.
+
+Public API comes first; the private names (marked) are reached only because Ultralytics offers no public way
+to do what yolo-batch needs. When an upgrade moves any of them, the first call into the adapter fails with one
+line naming the missing name and the supported versions, instead of an ``AttributeError`` deep in a run.
+
+Attributes read from objects Ultralytics hands back (a trainer, a model) cannot be checked without building
+those objects; they are listed in :data:`OBJECT_ATTRIBUTES` and checked by ``tests/test_ultralytics_adapter.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass
+
+from yolo_batch.errors import YoloBatchError
+
+SUPPORTED = "8.4.x"  # pyproject.toml pins ultralytics>=8.4,<8.5
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """One dotted name (``module.attribute``) and why yolo-batch needs it."""
+
+    name: str
+    why: str
+    private: bool = False
+
+
+DEPENDS_ON: tuple[Dependency, ...] = (
+    Dependency("ultralytics.YOLO", "loading yaml and .pt models, training, predict and export"),
+    Dependency("ultralytics.cfg.get_cfg", "checking pass-through train arguments"),
+    Dependency("ultralytics.cfg.check_dict_alignment", "naming an unknown train argument", private=True),
+    Dependency("ultralytics.utils.DEFAULT_CFG_DICT", "the known train argument names", private=True),
+    Dependency("ultralytics.utils.USER_CONFIG_DIR", "a font the user placed there"),
+    Dependency("ultralytics.utils.WEIGHTS_DIR", "whether the AMP check's reference weights are on disk"),
+    Dependency("ultralytics.data.utils.check_det_dataset", "reading a data yaml (autodownload off)"),
+    Dependency("ultralytics.data.utils.IMG_FORMATS", "which files of a split are images"),
+    Dependency("ultralytics.data.utils.img2label_paths", "where an image's label file is", private=True),
+    Dependency("ultralytics.utils.checks.check_font", "replaced during calls: it downloads fonts", private=True),
+    Dependency("ultralytics.utils.plotting.check_font", "replaced during calls (imported by name)", private=True),
+    Dependency("ultralytics.data.utils.check_font", "replaced during calls (imported by name)", private=True),
+    Dependency("ultralytics.engine.trainer.check_amp", "replaced during training: it downloads yolo26n.pt",
+               private=True),
+    Dependency("ultralytics.data.base.imread", "replaced during training: 16-bit images are scaled, not truncated",
+               private=True),
+    Dependency("ultralytics.nn.tasks.DetectionModel", "the model the AutoBatch probe trains", private=True),
+    Dependency("ultralytics.nn.modules.head.Detect", "caches the anchors of the last input shape on the module, "
+                                                     "so inference threads each run their own copy", private=True),
+    Dependency("ultralytics.utils.nms.non_max_suppression", "inference NMS with DetectionPredictor's arguments "
+                                                            "(agnostic is positional)", private=True),
+    Dependency("ultralytics.data.augment.LetterBox", "the reference our letterbox is tested against"),
+    Dependency("ultralytics.utils.autobatch.check_train_batch_size", "bench autobatch's baseline"),
+)
+
+# Attributes of objects Ultralytics returns, read by yolo-batch (checked by tests that build the objects).
+OBJECT_ATTRIBUTES: tuple[Dependency, ...] = (
+    Dependency("BaseTrainer.save_dir", "where autobatch.json goes"),
+    Dependency("BaseTrainer.accumulate", "what the trainer accumulated, checked against the decision", private=True),
+    Dependency("BaseTrainer.model", "BatchNorm layers the freeze and sync policies reach", private=True),
+    Dependency("YOLO.model.yaml", "rebuilding a DetectionModel for the probe", private=True),
+    Dependency("DetectionModel.loss", "the probe's real detection loss"),
+    Dependency("DetectionModel.fuse", "Conv+BN fusion for inference, as the predictor does"),
+    Dependency("DetectionModel.stride / names / end2end", "letterbox stride, class names, NMS-free heads"),
+)
+
+
+class UltralyticsMismatch(YoloBatchError):
+    """The installed Ultralytics lacks a name yolo-batch depends on."""
+
+
+def resolve(dotted: str) -> object:
+    """The object a dotted ``module.attribute`` name refers to (the longest importable module prefix, then
+    attributes).
+
+    Raises:
+        AttributeError, ImportError: the name does not exist.
+    """
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            target: object = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            if cut == 1:
+                raise
+            continue
+        for attribute in parts[cut:]:
+            target = getattr(target, attribute)
+        return target
+    raise ImportError(dotted)  # pragma: no cover - the loop always returns or raises
+
+
+@functools.cache
+def check_dependencies() -> None:
+    """Resolve every name of :data:`DEPENDS_ON` once.
+
+    Raises:
+        UltralyticsMismatch: the first missing name, with the installed and the supported versions.
+    """
+    import ultralytics
+
+    for dependency in DEPENDS_ON:
+        try:
+            resolve(dependency.name)
+        except (AttributeError, ImportError):
+            raise UltralyticsMismatch(
+                f"Ultralytics {ultralytics.__version__} has no {dependency.name}, which yolo-batch uses for "
+                f"{dependency.why}; yolo-batch supports Ultralytics {SUPPORTED}") from None
