@@ -19,7 +19,6 @@ from yolo_batch.serving.hotfolder import (
     FAILED,
     RESULTS,
     HotFolder,
-    truncate_torn_tail,
 )
 
 
@@ -198,17 +197,3 @@ def test_a_failed_journal_write_moves_nothing_and_recovery_avoids_duplicates(fol
     assert [x["file"] for x in lines(out / RESULTS)] == ["a.jpg"]
     assert (inbox / DONE / "a.jpg").exists() and not (inbox / "a.jpg").exists()
     hot.join(0)
-
-
-@pytest.mark.parametrize("content, expected", [
-    (b"", b""),
-    (b'{"a": 1}\n', b'{"a": 1}\n'),
-    (b'{"a": 1}\n{"b"', b'{"a": 1}\n'),
-    (b'{"b"', b""),
-    (b'{"a": 1}\n' + b"x" * 200_000, b'{"a": 1}\n'),  # longer than one read block
-])
-def test_truncate_torn_tail(tmp_path, content, expected):
-    path = tmp_path / "j.jsonl"
-    path.write_bytes(content)
-    assert truncate_torn_tail(path) == len(content) - len(expected)
-    assert path.read_bytes() == expected

@@ -23,6 +23,7 @@ from typing import IO, Any
 import cv2
 import numpy as np
 
+from yolo_batch.core.files import atomic_write, truncate_torn_tail
 from yolo_batch.inference.config import OutputFormat
 from yolo_batch.inference.engine import Detection
 
@@ -83,25 +84,23 @@ def read_journal(path: Path) -> JournalState:
     """Read ``results.jsonl``, repairing it in place when lines must be dropped."""
     if not path.exists():
         return JournalState(done=frozenset(), detections=0, dropped_lines=0)
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    complete, tail = lines[:-1], lines[-1]  # text after the last newline was being written when the run died
+    torn = 1 if truncate_torn_tail(path) else 0  # the line being written when the run died
     kept: list[bytes] = []
     done: set[str] = set()
     detections = 0
-    dropped = 1 if tail.strip() else 0
-    for line in complete:
+    bad = 0
+    for line in path.read_bytes().split(b"\n")[:-1]:
         record = _parse(line)
         if record is None or record["path"] in done:
-            dropped += 1 if line.strip() else 0
+            bad += 1 if line.strip() else 0
             continue
         done.add(record["path"])
         detections += len(record["detections"])
         kept.append(line)
-    if dropped or (raw and not raw.endswith(b"\n")):
-        log.warning("%s: dropped %d torn, garbled or duplicate line(s); those images run again", path, dropped)
-        _atomic_write(path, b"".join(line + b"\n" for line in kept))
-    return JournalState(done=frozenset(done), detections=detections, dropped_lines=dropped)
+    if bad:
+        log.warning("%s: dropped %d garbled or duplicate line(s); those images run again", path, bad)
+        atomic_write(path, b"".join(line + b"\n" for line in kept))
+    return JournalState(done=frozenset(done), detections=detections, dropped_lines=torn + bad)
 
 
 def _parse(line: bytes) -> dict[str, Any] | None:
@@ -130,20 +129,8 @@ def repair_csv(path: Path, done: frozenset[str]) -> int:
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(CSV_HEADER)
         writer.writerows(kept)
-        _atomic_write(path, buffer.getvalue().encode())
+        atomic_write(path, buffer.getvalue())
     return max(dropped, 0)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class ResultWriter:

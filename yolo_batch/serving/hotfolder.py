@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from yolo_batch.core.files import append_lines, sha256_file, truncate_torn_tail
 from yolo_batch.inference.oom_split import OutOfMemoryAlone
 from yolo_batch.serving.batcher import QueueFull, ShuttingDown
 
@@ -53,41 +54,6 @@ SubmitFile = Callable[[bytes, str], "Future[dict[str, Any]]"]
 
 def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def truncate_torn_tail(path: Path) -> int:
-    """Cut whatever follows the last newline (a line a crash left half-written); returns bytes removed."""
-    if not path.exists():
-        return 0
-    with open(path, "rb+") as handle:
-        size = handle.seek(0, os.SEEK_END)
-        if size == 0:
-            return 0
-        handle.seek(size - 1)
-        if handle.read(1) == b"\n":
-            return 0
-        keep, end = 0, size
-        while end > 0:
-            start = max(0, end - (1 << 16))
-            handle.seek(start)
-            found = handle.read(end - start).rfind(b"\n")
-            if found >= 0:
-                keep = start + found + 1
-                break
-            end = start
-        handle.truncate(keep)
-        handle.flush()
-        os.fsync(handle.fileno())
-    log.warning("%s: removed a torn last line (%d bytes) left by a crash", path, size - keep)
-    return size - keep
 
 
 @dataclass(frozen=True)
@@ -128,11 +94,8 @@ class Journal:
         """Write, flush and fsync: when this returns, the lines survive a crash or a power cut."""
         if self._results is None or self._errors is None:
             raise RuntimeError("journal used before open()")
-        for handle, records in ((self._errors, list(errors)), (self._results, list(results))):
-            if records:
-                handle.write("".join(json.dumps(r) + "\n" for r in records))
-                handle.flush()
-                os.fsync(handle.fileno())
+        append_lines(self._errors, errors)
+        append_lines(self._results, results)
 
     def known(self, names: set[str]) -> dict[str, dict[str, Known]]:
         """name -> {sha256: Known} for the journaled files among ``names`` (memory stays bounded by them)."""
@@ -266,7 +229,7 @@ class HotFolder:
         moved = 0
         for name in sorted(known):
             try:
-                digest = _sha256_file(self.in_dir / name)
+                digest = sha256_file(self.in_dir / name)
             except FileNotFoundError:
                 continue
             entry = known[name].get(digest)
@@ -401,6 +364,6 @@ def _kind_of(exc: BaseException) -> str:
 
 def _sha256_or_empty(path: Path) -> str:
     try:
-        return _sha256_file(path)
+        return sha256_file(path)
     except OSError:
         return sha256_of(b"")

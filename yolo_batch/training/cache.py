@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from yolo_batch.core.files import sha256_file
 from yolo_batch.training.decision import AutoBatchDecision
 
 log = logging.getLogger(__name__)
@@ -19,11 +20,7 @@ def model_fingerprint(spec: str) -> str:
     whose version is part of the key)."""
     path = Path(spec)
     if path.suffix == ".pt" and path.is_file():
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        return f"pt:{digest.hexdigest()[:16]}"
+        return f"pt:{sha256_file(path)[:16]}"
     if path.is_file():  # a user's own yaml file
         return f"yaml:{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
     return f"name:{spec}"

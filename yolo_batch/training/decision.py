@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from yolo_batch.core.files import atomic_write
+
 GIB = 1 << 30
 
 
@@ -91,11 +93,7 @@ class AutoBatchDecision:
 
     def save(self, path: str | Path) -> Path:
         """Write the decision as JSON, atomically (a crash never leaves half a file)."""
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_json() + "\n")
-        tmp.replace(path)
-        return path
+        return atomic_write(path, self.to_json() + "\n")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AutoBatchDecision:
