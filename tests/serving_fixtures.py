@@ -17,7 +17,8 @@ from yolo_batch.inference.decode import DecodeError, FailureKind
 from yolo_batch.inference.letterbox import plan_letterbox
 from yolo_batch.inference.oom_split import BatchSize
 from yolo_batch.serving.app import create_app
-from yolo_batch.serving.backend import ItemResult, Prepared
+from yolo_batch.inference.stages import Prepared
+from yolo_batch.serving.backend import ItemResult
 from yolo_batch.serving.config import ServeConfig
 from yolo_batch.serving.load import free_port  # noqa: F401 (re-exported for the tests)
 from yolo_batch.serving.server import bind
@@ -126,11 +127,10 @@ class FakeBackend:
         if data == b"bad":
             raise DecodeError(FailureKind.CORRUPT, "corrupt JPEG: fake")
         plan = plan_letterbox(32, 32, 32)
-        return Prepared(name=name, width=32, height=32, pixels=np.zeros((32, 32, 3), np.uint8), plan=plan,
-                        decode_ms=0.0, letterbox_ms=0.0)
+        return Prepared(path=name, pixels=np.zeros((32, 32, 3), np.uint8), plan=plan, decode_s=0.0, letterbox_s=0.0)
 
     def process(self, items: Sequence[Prepared]) -> list[ItemResult | BaseException]:
-        self.batches.append([p.name for p in items])
+        self.batches.append([p.path for p in items])
         self.entered.release()
         assert self.release.wait(WAIT_S), "the test never released the batch"
         return [ItemResult(detections=(), batch=len(items), inference_ms=0.0) for _ in items]

@@ -1,11 +1,14 @@
-"""Stages joined by bounded queues: feed -> decode+letterbox (N threads) -> bucket+collate -> infer -> write.
+"""Local ``infer``: named stages joined by bounded queues.
 
-Every queue has a ``maxsize`` and the shape buckets a ``max_pending``, so the number of images alive at
-once has a fixed bound (:meth:`Pipeline.in_flight_bound`) however long the stream. Inference runs in the
-calling thread (plus ``streams - 1`` more threads); the others are worker threads that poll a stop
-event, so an exception in any stage, or Ctrl-C, stops them all and ``run`` joins them in ``finally``.
-Results already computed when a run is stopped are still written (they are valid), then the first
-error is re-raised.
+    feed --paths--> decode (N threads) --prepared--> batch --batches--> infer (S streams) --written--> write
+
+Each stage is a small object with one loop (:class:`Feed`, :class:`Decode`, :class:`Batcher`, :class:`Infer`,
+:class:`Write`); the per-item work is the shared steps of :mod:`.stages`. Every queue has a ``maxsize`` and the
+shape buckets a ``max_pending``, so the images alive at once have a fixed bound (:meth:`Pipeline.in_flight_bound`)
+however long the stream. Inference stream 0 runs in the calling thread (so Ctrl-C lands in an inference loop);
+the other stages are threads that poll a stop event, so an error in any stage, or Ctrl-C, stops them all and
+:meth:`Pipeline.run` joins them in ``finally``. Results already computed when a run is stopped are still
+written (they are valid), then the first error is re-raised.
 """
 
 from __future__ import annotations
@@ -20,39 +23,25 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from yolo_batch.inference.buckets import (
-    NO_PADDING,
-    PaddingStats,
-    ShapeBuckets,
-    batch_padding,
-)
-from yolo_batch.inference.decode import DecodedImage, DecodeError, FailureKind
-from yolo_batch.inference.engine import Detection
-from yolo_batch.inference.letterbox import Letterbox
-from yolo_batch.inference.oom_split import (
-    BatchSize,
-    OomEvent,
-    OutOfMemoryAlone,
-    run_with_split,
+from yolo_batch.inference.buckets import NO_PADDING, PaddingStats, ShapeBuckets
+from yolo_batch.inference.decode import DecodedImage
+from yolo_batch.inference.oom_split import BatchSize, OomEvent
+from yolo_batch.inference.stages import (
+    Backend,
+    Batch,
+    InferStep,
+    Prepared,
+    PrepareStep,
+    StageTimes,
+    Written,
 )
 from yolo_batch.inference.writers import FailureRecord, ImageRecord
 
 log = logging.getLogger(__name__)
 
-_POLL_S = 0.05  # how often a blocked stage looks at the stop event
+_POLL_S = 0.05  # how often a blocked stage looks at its stop event
 _JOIN_S = 30.0
-
-
-class Backend(Protocol):
-    """What the pipeline needs from an engine (:class:`yolo_batch.inference.engine.Engine` is one)."""
-
-    def prepare(self, pixels: np.ndarray) -> tuple[np.ndarray, Letterbox]: ...
-
-    def collate(self, images: Sequence[np.ndarray]) -> Any: ...
-
-    def run(self, host: Any, plans: Sequence[Letterbox]) -> list[list[Detection]]: ...
-
-    def release(self) -> None: ...
+_END = object()  # end of stream, one per consumer thread
 
 
 class Sink(Protocol):
@@ -63,46 +52,180 @@ class Sink(Protocol):
     def write_failure(self, failure: FailureRecord) -> None: ...
 
 
-@dataclass
-class _Prepared:
-    path: str
-    pixels: np.ndarray
-    plan: Letterbox
-    original: np.ndarray | None
-    decode_s: float
-    letterbox_s: float
-
-
-@dataclass
-class _Batch:
-    items: list[_Prepared]
-    host: Any
-
-
-@dataclass
-class _Written:
-    records: list[ImageRecord]
-    failures: list[FailureRecord]
-    originals: dict[str, np.ndarray] | None
-
-
-class _Stopped(Exception):
+class Stopped(Exception):
     """Raised inside a stage when the run is being stopped."""
 
 
-_END = object()
+class Link:
+    """A bounded queue between two stages; blocking calls give up when ``stop`` is set."""
 
-
-class TrackedQueue(queue.Queue):
-    """A bounded queue that remembers the most items it ever held."""
-
-    def _init(self, maxsize: int) -> None:
-        super()._init(maxsize)
+    def __init__(self, name: str, maxsize: int, stop: threading.Event) -> None:
+        self.name = name
+        self.maxsize = maxsize
+        self.stop = stop
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize)
         self.high_water = 0
 
-    def _put(self, item: Any) -> None:
-        super()._put(item)
-        self.high_water = max(self.high_water, len(self.queue))
+    def put(self, item: Any) -> None:
+        while True:
+            if self.stop.is_set():
+                raise Stopped
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+            except queue.Full:
+                continue
+            self.high_water = max(self.high_water, self._queue.qsize())
+            return
+
+    def get(self) -> Any:
+        while True:
+            if self.stop.is_set():  # before taking more work: a failed run should not start another batch
+                raise Stopped
+            try:
+                return self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+
+
+@dataclass
+class Tally:
+    """What the run did so far, and the images alive in it (thread-safe)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    times: StageTimes = field(default_factory=StageTimes)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    images: int = 0
+    failed: int = 0
+    detections: int = 0
+    batches: int = 0
+    padding: PaddingStats = NO_PADDING
+
+    def enter(self) -> None:
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def written(self, written: Written) -> tuple[int, int]:
+        """Count a written batch; returns (images done, failed) so far."""
+        with self.lock:
+            self.in_flight -= len(written.records) + len(written.failures)
+            self.images += len(written.records)
+            self.failed += len(written.failures)
+            self.detections += sum(len(r.detections) for r in written.records)
+            if written.padding.images:  # a batch ran (failures from decoding come without one)
+                self.batches += 1
+                self.padding = self.padding + written.padding
+            return self.images, self.failed
+
+
+class Feed:
+    """Puts every path on ``out``, then one end marker per decode thread."""
+
+    name = "feed"
+
+    def __init__(self, paths: Sequence[str], out: Link, consumers: int) -> None:
+        self.paths, self.out, self.consumers = paths, out, consumers
+
+    def loop(self) -> None:
+        for path in self.paths:
+            self.out.put(path)
+        for _ in range(self.consumers):
+            self.out.put(_END)
+
+
+class Decode:
+    """Path -> :class:`Prepared` (or its failure record); one loop per decode thread."""
+
+    name = "decode"
+
+    def __init__(self, read: Callable[[str], DecodedImage], step: PrepareStep, inbox: Link, out: Link,
+                 tally: Tally) -> None:
+        self.read, self.step, self.inbox, self.out, self.tally = read, step, inbox, out, tally
+
+    def loop(self) -> None:
+        while (path := self.inbox.get()) is not _END:
+            item = self.step.from_file(self.read, path)
+            if isinstance(item, Prepared):
+                self.tally.times.add("decode", item.decode_s)
+                self.tally.times.add("letterbox", item.letterbox_s)
+            self.tally.enter()
+            self.out.put(item)
+        self.out.put(_END)
+
+
+class Batcher:
+    """Prepared images -> same-shape :class:`Batch` es (shape buckets); failures pass straight through."""
+
+    name = "batch"
+
+    def __init__(self, step: InferStep, max_pending: int, producers: int, consumers: int, inbox: Link,
+                 out: Link, tally: Tally) -> None:
+        self.step, self.max_pending, self.producers, self.consumers = step, max_pending, producers, consumers
+        self.inbox, self.out, self.tally = inbox, out, tally
+
+    def loop(self) -> None:
+        buckets: ShapeBuckets[Prepared] = ShapeBuckets(self.step.batch_size, self.max_pending)
+        finished = 0
+        while finished < self.producers:
+            item = self.inbox.get()
+            if item is _END:
+                finished += 1
+            elif isinstance(item, FailureRecord):
+                self.out.put(item)
+            else:
+                for ready in buckets.add(item.plan.out, item):
+                    self.out.put(self._collate(ready))
+        for ready in buckets.drain():
+            self.out.put(self._collate(ready))
+        for _ in range(self.consumers):
+            self.out.put(_END)
+
+    def _collate(self, items: list[Prepared]) -> Batch:
+        t0 = time.perf_counter()
+        batch = self.step.collate(items)
+        self.tally.times.add("collate", time.perf_counter() - t0)
+        return batch
+
+
+class Infer:
+    """Batches -> :class:`Written` through the shared :class:`InferStep`; one loop per inference stream."""
+
+    name = "infer"
+
+    def __init__(self, step: InferStep, inbox: Link, out: Link, tally: Tally) -> None:
+        self.step, self.inbox, self.out, self.tally = step, inbox, out, tally
+
+    def loop(self) -> None:
+        while (item := self.inbox.get()) is not _END:
+            if isinstance(item, Batch):
+                written = self.step(item)
+                self.tally.times.add("inference", written.seconds)
+            else:
+                written = Written(records=[], failures=[item])
+            self.out.put(written)
+
+
+class Write:
+    """Written batches -> the sink, in arrival order; reports progress."""
+
+    name = "write"
+
+    def __init__(self, sink: Sink, inbox: Link, tally: Tally,
+                 on_progress: Callable[[int, int], None] | None) -> None:
+        self.sink, self.inbox, self.tally, self.on_progress = sink, inbox, tally, on_progress
+
+    def loop(self) -> None:
+        while (item := self.inbox.get()) is not _END:
+            t0 = time.perf_counter()
+            for failure in item.failures:
+                self.sink.write_failure(failure)
+            if item.records:
+                self.sink.write_batch(item.records, item.originals)
+            self.tally.times.add("write", time.perf_counter() - t0)
+            done, failed = self.tally.written(item)
+            if self.on_progress is not None:
+                self.on_progress(done, failed)
 
 
 @dataclass(frozen=True)
@@ -132,33 +255,6 @@ class PipelineStats:
                 "final_batch": self.final_batch}
 
 
-@dataclass
-class _Counters:
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    stage_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("decode", "letterbox", "collate", "inference", "write"), 0.0))
-    in_flight: int = 0
-    max_in_flight: int = 0
-    images: int = 0
-    failed: int = 0
-    detections: int = 0
-    batches: int = 0
-    padding: PaddingStats = NO_PADDING
-
-    def add_time(self, stage: str, seconds: float) -> None:
-        with self.lock:
-            self.stage_s[stage] += seconds
-
-    def enter(self) -> None:
-        with self.lock:
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-
-    def leave(self, n: int) -> None:
-        with self.lock:
-            self.in_flight -= n
-
-
 class Pipeline:
     """One pass over a list of paths.
 
@@ -180,15 +276,14 @@ class Pipeline:
                  on_progress: Callable[[int, int], None] | None = None, streams: int = 1) -> None:
         if workers < 1 or streams < 1:
             raise ValueError(f"workers and streams must be >= 1, got {workers} and {streams}")
-        self.backend = backend
         self.read = read
         self.sink = sink
         self.batch_size = batch_size
         self.workers = workers
-        self.imgsz = imgsz
-        self.keep_originals = keep_originals
-        self.on_progress = on_progress
         self.streams = streams
+        self.on_progress = on_progress
+        self.prepare_step = PrepareStep(backend, keep_originals)
+        self.infer_step = InferStep(backend, batch_size, imgsz)
         batch = batch_size()
         self.max_pending = 2 * batch
         self.bounds = {"paths": 2 * workers, "prepared": 2 * workers + batch, "batches": 2 * streams,
@@ -205,183 +300,76 @@ class Pipeline:
         start = time.perf_counter()
         stop = threading.Event()  # upstream stages: stop producing
         writer_stop = threading.Event()  # the writer: stop without draining (its own failure)
-        counters = _Counters()
-        errors: list[BaseException] = []
-        q_paths = TrackedQueue(self.bounds["paths"])
-        q_prepared = TrackedQueue(self.bounds["prepared"])
-        q_batches = TrackedQueue(self.bounds["batches"])
-        q_written = TrackedQueue(self.bounds["written"])
-
-        def guard(body: Callable[[], None], on_error: threading.Event) -> Callable[[], None]:
-            def target() -> None:
-                try:
-                    body()
-                except _Stopped:
-                    pass
-                except BaseException as exc:  # handed to the calling thread, which re-raises it
-                    errors.append(exc)
-                    on_error.set()
-                    stop.set()
-            return target
-
-        def feed() -> None:
-            for path in paths:
-                _put(q_paths, path, stop)
-            for _ in range(self.workers):
-                _put(q_paths, _END, stop)
-
-        def decode() -> None:
-            while (path := _get(q_paths, stop)) is not _END:
-                _put(q_prepared, self._prepare(path, counters), stop)
-            _put(q_prepared, _END, stop)
-
-        def collate() -> None:
-            buckets: ShapeBuckets[_Prepared] = ShapeBuckets(self.batch_size, self.max_pending)
-            finished = 0
-            while finished < self.workers:
-                item = _get(q_prepared, stop)
-                if item is _END:
-                    finished += 1
-                elif isinstance(item, FailureRecord):
-                    _put(q_batches, item, stop)
-                else:
-                    for batch in buckets.add(item.plan.out, item):
-                        _put(q_batches, self._collate(batch, counters), stop)
-            for batch in buckets.drain():
-                _put(q_batches, self._collate(batch, counters), stop)
-            for _ in range(self.streams):
-                _put(q_batches, _END, stop)
-
-        def infer() -> None:
-            while (item := _get(q_batches, stop)) is not _END:
-                written = self._infer(item, counters) if isinstance(item, _Batch) else _Written([], [item], None)
-                _put(q_written, written, writer_stop)
-
-        def write() -> None:
-            while (item := _get(q_written, writer_stop)) is not _END:
-                t0 = time.perf_counter()
-                for failure in item.failures:
-                    self.sink.write_failure(failure)
-                if item.records:
-                    self.sink.write_batch(item.records, item.originals)
-                counters.add_time("write", time.perf_counter() - t0)
-                counters.leave(len(item.records) + len(item.failures))
-                with counters.lock:
-                    counters.images += len(item.records)
-                    counters.failed += len(item.failures)
-                    counters.detections += sum(len(r.detections) for r in item.records)
-                    done, failed = counters.images, counters.failed
-                if self.on_progress is not None:
-                    self.on_progress(done, failed)
-
-        threads = [threading.Thread(target=guard(feed, stop), name="infer-feed", daemon=True)]
-        threads += [threading.Thread(target=guard(decode, stop), name=f"infer-decode-{i}", daemon=True)
-                    for i in range(self.workers)]
-        threads.append(threading.Thread(target=guard(collate, stop), name="infer-collate", daemon=True))
-        threads += [threading.Thread(target=guard(infer, stop), name=f"infer-stream-{i}", daemon=True)
-                    for i in range(1, self.streams)]
-        writer = threading.Thread(target=guard(write, writer_stop), name="infer-write", daemon=True)
-        for thread in (*threads, writer):
-            thread.start()
+        tally = Tally()
+        links = {name: Link(name, size, writer_stop if name == "written" else stop)
+                 for name, size in self.bounds.items()}
+        feed = Feed(paths, links["paths"], self.workers)
+        decode = Decode(self.read, self.prepare_step, links["paths"], links["prepared"], tally)
+        batcher = Batcher(self.infer_step, self.max_pending, self.workers, self.streams, links["prepared"],
+                          links["batches"], tally)
+        infer = Infer(self.infer_step, links["batches"], links["written"], tally)
+        write = Write(self.sink, links["written"], tally, self.on_progress)
+        runner = _Threads(stop)
+        upstream = [runner.start(feed, stop), *(runner.start(decode, stop, i) for i in range(self.workers)),
+                    runner.start(batcher, stop), *(runner.start(infer, stop, i) for i in range(1, self.streams))]
+        writer = runner.start(write, writer_stop)
         try:
             try:
-                infer()  # stream 0 runs here, so Ctrl-C lands in an inference loop
-                for thread in threads:  # the other streams finish the batches they hold
+                infer.loop()  # stream 0
+                for thread in upstream:  # the other streams finish the batches they hold
                     thread.join()
-            except _Stopped:
+            except Stopped:
                 pass  # a stage failed: its error is raised below, after cleanup
         finally:
             stop.set()
-            for thread in threads:
-                thread.join(_JOIN_S)
+            runner.join(upstream)
             if writer.is_alive():
                 try:  # let the writer finish what was computed, then end
-                    _put(q_written, _END, writer_stop)
-                except _Stopped:
+                    links["written"].put(_END)
+                except Stopped:
                     pass
-                writer.join(_JOIN_S)
-            for thread in (*threads, writer):
-                if thread.is_alive():  # only a stage stuck in a blocking call can get here
-                    log.error("pipeline thread %s did not stop within %.0f s", thread.name, _JOIN_S)
-        if errors:
-            raise errors[0]
+                runner.join([writer])
+        runner.raise_first()
         return PipelineStats(
-            images=counters.images, failed=counters.failed, detections=counters.detections,
-            batches=counters.batches, wall_s=time.perf_counter() - start, stage_s=dict(counters.stage_s),
-            queue_high_water={"paths": q_paths.high_water, "prepared": q_prepared.high_water,
-                              "batches": q_batches.high_water, "written": q_written.high_water},
-            queue_bounds=dict(self.bounds), max_in_flight=counters.max_in_flight,
-            in_flight_bound=self.in_flight_bound(), padding=counters.padding,
+            images=tally.images, failed=tally.failed, detections=tally.detections, batches=tally.batches,
+            wall_s=time.perf_counter() - start, stage_s=dict(tally.times.seconds),
+            queue_high_water={name: link.high_water for name, link in links.items()},
+            queue_bounds=dict(self.bounds), max_in_flight=tally.max_in_flight,
+            in_flight_bound=self.in_flight_bound(), padding=tally.padding,
             oom_events=tuple(self.batch_size.events), final_batch=self.batch_size())
 
-    def _prepare(self, path: str, counters: _Counters) -> _Prepared | FailureRecord:
-        try:
-            decoded = self.read(path)
-        except DecodeError as exc:
-            counters.enter()
-            return FailureRecord(path=path, kind=exc.kind.value, reason=exc.reason)
-        t0 = time.perf_counter()
-        pixels, plan = self.backend.prepare(decoded.pixels)
-        letterbox_s = time.perf_counter() - t0
-        counters.add_time("decode", decoded.decode_s)
-        counters.add_time("letterbox", letterbox_s)
-        counters.enter()
-        return _Prepared(path=path, pixels=pixels, plan=plan, original=decoded.pixels if self.keep_originals else None,
-                         decode_s=decoded.decode_s, letterbox_s=letterbox_s)
 
-    def _collate(self, items: list[_Prepared], counters: _Counters) -> _Batch:
-        t0 = time.perf_counter()
-        host = self.backend.collate([i.pixels for i in items])
-        counters.add_time("collate", time.perf_counter() - t0)
-        return _Batch(items=items, host=host)
+class _Threads:
+    """Starts stage loops in threads; the first error stops the run and is re-raised by the caller."""
 
-    def _infer(self, batch: _Batch, counters: _Counters) -> _Written:
-        t0 = time.perf_counter()
-        whole = len(batch.items)
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self.errors: list[BaseException] = []
+        self.threads: list[threading.Thread] = []
 
-        def run(chunk: Sequence[_Prepared]) -> list[list[Detection]]:
-            host = batch.host if len(chunk) == whole else self.backend.collate([i.pixels for i in chunk])
-            return self.backend.run(host, [i.plan for i in chunk])
+    def start(self, stage: Any, on_error: threading.Event, index: int | None = None) -> threading.Thread:
+        def target() -> None:
+            try:
+                stage.loop()
+            except Stopped:
+                pass
+            except BaseException as exc:  # handed to the calling thread, which re-raises it
+                self.errors.append(exc)
+                on_error.set()
+                self.stop.set()
 
-        outcomes = run_with_split(batch.items, run, self.batch_size, on_oom=self.backend.release)
-        seconds = time.perf_counter() - t0
-        counters.add_time("inference", seconds)
-        records: list[ImageRecord] = []
-        failures: list[FailureRecord] = []
-        per_image_ms = seconds * 1e3 / whole
-        for item, outcome in zip(batch.items, outcomes):
-            if isinstance(outcome, OutOfMemoryAlone):
-                failures.append(FailureRecord(item.path, FailureKind.DEVICE_MEMORY.value, str(outcome)))
-                continue
-            height, width = item.plan.source
-            records.append(ImageRecord(path=item.path, width=width, height=height, detections=tuple(outcome),
-                                       timing_ms={"decode": item.decode_s * 1e3, "letterbox": item.letterbox_s * 1e3,
-                                                  "inference": per_image_ms, "batch": float(whole)}))
-        with counters.lock:
-            counters.batches += 1
-            counters.padding = counters.padding + batch_padding(
-                batch.items[0].plan.out, (i.plan.content_pixels for i in batch.items), self.imgsz)
-        originals = {i.path: i.original for i in batch.items if i.original is not None} if self.keep_originals else None
-        return _Written(records=records, failures=failures, originals=originals)
+        name = f"infer-{stage.name}" + (f"-{index}" if index is not None else "")
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+        return thread
 
+    def join(self, threads: Sequence[threading.Thread]) -> None:
+        for thread in threads:
+            thread.join(_JOIN_S)
+            if thread.is_alive():  # only a stage stuck in a blocking call can get here
+                log.error("pipeline thread %s did not stop within %.0f s", thread.name, _JOIN_S)
 
-def _put(q: queue.Queue, item: Any, stop: threading.Event) -> None:
-    while True:
-        if stop.is_set():
-            raise _Stopped
-        try:
-            q.put(item, timeout=_POLL_S)
-            return
-        except queue.Full:
-            continue
-
-
-def _get(q: queue.Queue, stop: threading.Event) -> Any:
-    while True:
-        if stop.is_set():  # before taking more work: a failed run should not start another batch
-            raise _Stopped
-        try:
-            return q.get(timeout=_POLL_S)
-        except queue.Empty:
-            if stop.is_set():
-                raise _Stopped from None
+    def raise_first(self) -> None:
+        if self.errors:
+            raise self.errors[0]

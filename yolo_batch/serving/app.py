@@ -25,7 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from yolo_batch import __version__
 from yolo_batch.inference.decode import DecodeError
-from yolo_batch.serving.backend import DetectorBackend, ItemResult, Prepared
+from yolo_batch.inference.stages import Prepared
+from yolo_batch.serving.backend import DetectorBackend, ItemResult
 from yolo_batch.serving.bodies import read_images
 from yolo_batch.serving.config import ServeConfig
 from yolo_batch.serving.errors import ServiceError, decode_error, service_error

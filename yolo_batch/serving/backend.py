@@ -1,10 +1,10 @@
-"""The service's model side, made of the infer pipeline's parts: decode, letterbox, shape buckets, engine, OOM split.
+"""The service's model side, made of the infer pipeline's steps: decode, :class:`~yolo_batch.inference.stages.PrepareStep`,
+shape groups and :class:`~yolo_batch.inference.stages.InferStep` (engine, NMS, OOM split).
 
 :meth:`DetectorBackend.prepare` runs in decode threads (bytes -> letterboxed image); :meth:`DetectorBackend.process`
 is the batcher's ``process``: it groups a batch by letterboxed shape (as infer's buckets do), runs each group
-through :class:`~yolo_batch.inference.engine.Engine` with :func:`~yolo_batch.inference.oom_split.run_with_split`,
-and returns one result per item, or an :class:`OutOfMemoryAlone` for an image that does not fit even alone.
-So a request's detections equal ``yolo-batch infer``'s on the same file.
+through the same step local ``infer`` runs, and returns one result per item, or an :class:`OutOfMemoryAlone` for an
+image that does not fit even alone. So a request's detections equal ``yolo-batch infer``'s on the same file.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from yolo_batch.inference.decode import (
     choose_jpeg_decoder,
 )
 from yolo_batch.inference.engine import Detection, Engine, NmsSettings
-from yolo_batch.inference.letterbox import Letterbox
-from yolo_batch.inference.oom_split import BatchSize, OutOfMemoryAlone, run_with_split
+from yolo_batch.inference.oom_split import BatchSize, OutOfMemoryAlone
 from yolo_batch.inference.runner import cpu_parallelism, resolve_device
+from yolo_batch.inference.stages import InferStep, Prepared, PrepareStep
 from yolo_batch.inference.throughput import (
     AUTO_MAX_BATCH,
     ThroughputChoice,
@@ -36,19 +36,6 @@ from yolo_batch.inference.throughput import (
 from yolo_batch.serving.config import ServeConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """One decoded, letterboxed image waiting for a batch."""
-
-    name: str
-    width: int
-    height: int
-    pixels: np.ndarray  # letterboxed, uint8 BGR
-    plan: Letterbox
-    decode_ms: float
-    letterbox_ms: float
 
 
 @dataclass(frozen=True)
@@ -99,6 +86,8 @@ class DetectorBackend:
         self.threads, self.streams = cpu_parallelism(config, on_gpu)  # type: ignore[arg-type]  # reads threads, streams
         self.reader = ImageReader(DecodeLimits(config.max_image_bytes, config.max_pixels), window=config.image_window)
         self.batch_size = BatchSize(config.max_batch.fixed or 1)
+        self.prepare_step = PrepareStep(engine)
+        self.infer_step = InferStep(engine, self.batch_size, config.imgsz, on_oom=self._count_oom)
         self.decoder = DecoderChoice(name="opencv", ms_per_image={})
         self.batch_choice: ThroughputChoice | None = None
         self.warmup_s = 0.0
@@ -138,7 +127,7 @@ class DetectorBackend:
         if self.config.max_batch.is_auto:
             cap = AUTO_MAX_BATCH.get(self.engine.device.type, AUTO_MAX_BATCH["cpu"])
             self.batch_choice = measure_engine(self.engine, [pixels], [plan], cap, self.config.max_latency_ms)
-            self.batch_size = BatchSize(self.batch_choice.batch)
+            self.batch_size = self.infer_step.batch_size = BatchSize(self.batch_choice.batch)
             log.info("max batch (auto): %d - %s", self.batch_choice.batch, self.batch_choice.reason)
         self.warmup_s = time.perf_counter() - start
 
@@ -148,11 +137,7 @@ class DetectorBackend:
         Raises:
             DecodeError: empty, too large, not an image, truncated or corrupt.
         """
-        decoded = self.reader.read_bytes(data, name)
-        t0 = time.perf_counter()
-        pixels, plan = self.engine.prepare(decoded.pixels)
-        return Prepared(name=name, width=decoded.width, height=decoded.height, pixels=pixels, plan=plan,
-                        decode_ms=decoded.decode_s * 1e3, letterbox_ms=(time.perf_counter() - t0) * 1e3)
+        return self.prepare_step(self.reader.read_bytes(data, name))
 
     def process(self, items: Sequence[Prepared]) -> list[ItemResult | BaseException]:
         """The batcher's ``process``: detections per item, in order (see the module docstring)."""
@@ -162,19 +147,14 @@ class DetectorBackend:
         out: list[ItemResult | BaseException] = [RuntimeError("not run")] * len(items)
         for indices in groups.values():
             group = [items[i] for i in indices]
-            t0 = time.perf_counter()
-            outcomes = run_with_split(group, self._run, self.batch_size, on_oom=self._after_oom)
-            per_image_ms = (time.perf_counter() - t0) * 1e3 / len(group)
+            outcomes, seconds = self.infer_step.outcomes(self.infer_step.collate(group))
+            per_image_ms = seconds * 1e3 / len(group)
             for i, outcome in zip(indices, outcomes):
                 out[i] = outcome if isinstance(outcome, OutOfMemoryAlone) else ItemResult(
                     detections=tuple(outcome), batch=len(group), inference_ms=per_image_ms)
         return out
 
-    def _run(self, chunk: Sequence[Prepared]) -> list[list[Detection]]:
-        return self.engine.run(self.engine.collate([p.pixels for p in chunk]), [p.plan for p in chunk])
-
-    def _after_oom(self) -> None:
-        self.engine.release()
+    def _count_oom(self) -> None:
         if self.on_oom is not None:
             self.on_oom()
 

@@ -23,8 +23,9 @@ from typing import Any
 
 from yolo_batch import __version__
 from yolo_batch.inference.config import default_workers
+from yolo_batch.inference.stages import Prepared
 from yolo_batch.inference.writers import ImageRecord
-from yolo_batch.serving.backend import Backend, ItemResult, Prepared
+from yolo_batch.serving.backend import Backend, ItemResult
 from yolo_batch.serving.batcher import BatchInfo, DynamicBatcher, ShuttingDown
 from yolo_batch.serving.config import ServeConfig
 from yolo_batch.serving.hotfolder import HotFolder
@@ -42,11 +43,11 @@ def record(prepared: Prepared, result: ItemResult, wait_ms: float | None = None)
     ``timing_ms`` holds infer's decode, letterbox, inference (per image) and batch, plus ``wait``: from
     joining the queue to the batch's results (queueing, batching delay and the batch itself).
     """
-    timing = {"decode": prepared.decode_ms, "letterbox": prepared.letterbox_ms, "inference": result.inference_ms,
-              "batch": float(result.batch)}
+    timing = {"decode": prepared.decode_s * 1e3, "letterbox": prepared.letterbox_s * 1e3,
+              "inference": result.inference_ms, "batch": float(result.batch)}
     if wait_ms is not None:
         timing["wait"] = wait_ms
-    return ImageRecord(path=prepared.name, width=prepared.width, height=prepared.height,
+    return ImageRecord(path=prepared.path, width=prepared.width, height=prepared.height,
                        detections=result.detections, timing_ms=timing).to_dict()
 
 
