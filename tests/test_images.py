@@ -16,7 +16,8 @@ import pytest
 from trainer_spy import TrainerSpy
 
 from yolo_batch import ultralytics_adapter as ua
-from yolo_batch.core.images import all_square, check_window, png_bit_depth, to_uint8
+from yolo_batch.core.checks import check_window
+from yolo_batch.core.images import png_bit_depth, to_uint8
 
 
 def ramp(low: int, high: int, dtype=np.uint16, shape=(16, 24)) -> np.ndarray:
@@ -102,7 +103,6 @@ def test_helpers():
     ok8, png8 = cv2.imencode(".png", ramp(0, 255, np.uint8))
     assert png_bit_depth(png16.tobytes()[:26]) == 16 and png_bit_depth(png8.tobytes()[:26]) == 8
     assert png_bit_depth(b"\xff\xd8\xff" + bytes(30)) is None
-    assert all_square([(64, 64), (32, 32)]) and not all_square([(64, 64), (640, 480)]) and all_square([])
 
 
 # --- Training: Ultralytics' loader reads through our reader ----------------------------------------------------------

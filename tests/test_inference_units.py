@@ -61,7 +61,7 @@ from yolo_batch.inference.writers import CSV_HEADER, read_journal, repair_csv
     ({"classes": (-1,)}, "class ids"),
     ({"workers": 0}, "workers must be"),
     ({"max_latency_ms": 50.0}, "--batch auto only"),
-    ({"batch": BatchSetting(None), "max_latency_ms": -1.0}, "positive number"),
+    ({"batch": BatchSetting(None), "max_latency_ms": -1.0}, "max-latency-ms must be > 0"),
     ({"formats": ("xml",)}, None),
 ])
 def test_config_rejects_bad_values(kwargs, message):

@@ -285,3 +285,24 @@ def test_detection_model_has_the_dataset_classes_and_loss_gains():
     assert model.model[-1].nc == 3
     assert model.args.box == 5.0 and model.args.cls == 0.5
     assert isinstance(next(model.parameters()), torch.nn.Parameter)
+
+
+def test_training_calls_do_not_pull_in_ray_tune_and_leave_the_settings_file_alone():
+    ua.import_ultralytics()
+    from ultralytics.utils import SETTINGS, callbacks
+
+    before = dict(SETTINGS)
+    settings_file = Path(SETTINGS.file).read_text()
+
+    class FakeTrainer:  # add_integration_callbacks adds the training integrations to any "...Trainer"
+        def __init__(self):
+            self.callbacks = callbacks.get_default_callbacks()
+
+    with ua.offline():
+        from ultralytics import utils
+
+        assert utils.SETTINGS["raytune"] is False
+        trainer = FakeTrainer()
+        callbacks.add_integration_callbacks(trainer)
+    assert not any("raytune" in getattr(f, "__module__", "") for fs in trainer.callbacks.values() for f in fs)
+    assert dict(utils.SETTINGS) == before and Path(SETTINGS.file).read_text() == settings_file

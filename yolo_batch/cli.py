@@ -26,21 +26,20 @@ from yolo_batch.training.config import (
 
 
 class CommandError(click.ClickException):
-    """A library error as one line on stderr, with exit code 2 for bad input and 1 otherwise."""
+    """A library error as one line on stderr, with the exit code its class carries."""
 
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    def __init__(self, error: YoloBatchError) -> None:
+        super().__init__(str(error))
+        self.exit_code = error.exit_code  # type: ignore[misc]  # click declares it on the class
 
 
 @contextlib.contextmanager
 def library_errors() -> Iterator[None]:
+    """The one place library errors become a line on stderr and an exit code."""
     try:
         yield
-    except (InputError, FileExistsError) as exc:
-        raise CommandError(str(exc), 2) from None
     except YoloBatchError as exc:
-        raise CommandError(str(exc), 1) from None
+        raise CommandError(exc) from None
 
 
 def parse_set(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, Any]:
@@ -197,8 +196,8 @@ def datasets_make(name: str, out_dir: Path, seed: int, overwrite: bool) -> None:
 
     try:
         data_yaml = make_dataset(name, out_dir, seed=seed, overwrite=overwrite)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
+    except (ValueError, FileExistsError) as exc:
+        raise InputError(str(exc).replace("pass overwrite=True", "pass --overwrite")) from None
     click.echo(str(data_yaml))
 
 
@@ -394,56 +393,21 @@ def bench_infer(source: str, repeats: int, as_json: bool, **opts: Any) -> None:
 # --- serve ---------------------------------------------------------------------------------------------------------
 
 
-def _env_help(name: str, text: str) -> str:
-    """An option's help with the environment variable that sets it too."""
-    return f"{text} [env YOLO_BATCH_{name.upper()}]"
-
-
 def serve_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``serve``'s options; each defaults to None (not given), so the environment and the profile can fill it."""
-    def opt(flag: str, name: str, text: str, **kwargs: Any) -> Callable[..., Any]:
-        return click.option(flag, name, default=None, help=_env_help(name, text), **kwargs)
+    """``serve``'s options, one per declared setting (``yolo_batch.serving.config.SETTINGS``); each defaults to
+    None (not given), so the environment and the profile can fill it."""
+    from yolo_batch.serving.config import SETTINGS, parse_bool
 
-    options = [
-        opt("--model", "model", "A local .pt file or an Ultralytics yaml name (required)."),
-        opt("--host", "host", "Address to bind. Default 127.0.0.1 (this machine only)."),
-        opt("--port", "port", "Port. Default 8000.", type=int),
-        opt("--max-batch", "max_batch",
-            "Images per forward pass: N or 'auto' (measured). Default: the profile's (16)."),
-        opt("--max-delay-ms", "max_delay_ms", "Longest wait of the oldest queued image for its batch. Default 5.",
-            type=float),
-        opt("--queue-size", "queue_size", "Images accepted and not yet answered; beyond it 429. Default 1024.",
-            type=int),
-        opt("--timeout-ms", "timeout_ms", "Per request, arrival to answer; beyond it 504. Default 2000.", type=float),
-        opt("--workers", "workers", "Decode threads. Default: as infer (cores-1 on a GPU, cores/4 on CPU).", type=int),
-        opt("--threads", "threads", "Torch threads per inference stream. Default 1 on CPU.", type=int),
-        opt("--streams", "streams", "Batches run side by side. Default: one per core on CPU, 1 on a GPU.", type=int),
-        opt("--profile", "profile", "default, medical, inspection or a profile .yaml (its infer section).",
-            metavar="NAME|PATH.yaml"),
-        opt("--imgsz", "imgsz", "Long side after letterboxing. Default 640.", type=int),
-        opt("--device", "device", "'cpu' or one GPU such as '0'. Default: GPU 0 if present."),
-        click.option("--half/--no-half", "half", default=None, help=_env_help("half", "FP16 (default: on a GPU).")),
-        opt("--conf", "conf", "Confidence threshold. Default 0.25.", type=float),
-        opt("--iou", "iou", "NMS IoU threshold. Default 0.7.", type=float),
-        opt("--max-det", "max_det", "Most detections per image. Default 300.", type=int),
-        click.option("--classes", multiple=True, callback=_parse_classes, metavar="IDS",
-                     help=_env_help("classes", "Keep only these class ids: '0,2' or repeated.")),
-        opt("--max-latency-ms", "max_latency_ms", "Per-batch latency limit for --max-batch auto.", type=float),
-        opt("--token-file", "token_file", "File holding the bearer token (or set YOLO_BATCH_TOKEN); then every "
-            "route but /healthz needs 'Authorization: Bearer <token>'.", type=click.Path(path_type=Path)),
-        opt("--max-body-bytes", "max_body_bytes", "Largest request body; beyond it 413.", type=int),
-        opt("--max-image-bytes", "max_image_bytes", "Largest encoded image; beyond it 413.", type=int),
-        opt("--max-pixels", "max_pixels", "Largest decoded image (width x height); beyond it 413.", type=int),
-        opt("--max-images", "max_images", "Most images in one request; beyond it 413. Default 64.", type=int),
-        opt("--watch", "watch", "Hot folder: process files that appear in it (with --out).",
-            type=click.Path(path_type=Path)),
-        opt("--out", "out", "Where the hot folder's results.jsonl and errors.jsonl go.",
-            type=click.Path(path_type=Path)),
-        opt("--poll-ms", "poll_ms", "Hot folder scan interval. Default 250.", type=float),
-        opt("--grace-s", "grace_s", "On SIGTERM, time for queued work to finish. Default 30.", type=float),
-        opt("--log-level", "log_level", "debug, info, warning or error. Default info."),
-    ]
-    for option in reversed(options):
+    for item in reversed(SETTINGS):
+        if item.parse is parse_bool:
+            option = click.option(f"{item.flag}/--no-{item.flag[2:]}", item.name, default=None, help=item.help_text())
+        elif item.name == "classes":
+            option = click.option(item.flag, multiple=True, callback=_parse_classes, metavar="IDS",
+                                  help=item.help_text())
+        else:
+            kind = {int: int, float: float, Path: click.Path(path_type=Path)}.get(item.parse)
+            option = click.option(item.flag, item.name, default=None, type=kind, help=item.help_text(),
+                                  metavar="NAME|PATH.yaml" if item.name == "profile" else None)
         fn = option(fn)
     return fn
 

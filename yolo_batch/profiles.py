@@ -13,7 +13,6 @@ for "not given" and fills those from the profile.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -23,9 +22,16 @@ from typing import Any
 
 import yaml
 
-from yolo_batch.core.images import all_square, check_window
+from yolo_batch.core.checks import (
+    check_count,
+    check_imgsz,
+    check_latency_limit,
+    check_optional_count,
+    check_window,
+)
 from yolo_batch.errors import InputError
 from yolo_batch.training.config import (
+    RESERVED_TRAIN_ARGS,
     BatchRequest,
     BnPolicy,
     LrScaling,
@@ -34,9 +40,6 @@ from yolo_batch.training.config import (
     TrainConfig,
 )
 
-# Ultralytics train arguments a profile may not set: they have options of their own or are the run's identity.
-_RESERVED_ARGS = frozenset({"batch", "nbs", "imgsz", "epochs", "device", "data", "model", "project", "name",
-                            "rect", "mode", "task", "resume"})
 _RECT_SAMPLE = 64  # training images whose size decides rect: auto
 
 
@@ -56,12 +59,8 @@ class InferSettings:
             raise InputError(f"infer.batch must be 'auto' or an integer >= 1, got {self.batch!r}")
         if self.half is not None and not isinstance(self.half, bool):
             raise InputError(f"infer.half must be true, false or null, got {self.half!r}")
-        if self.max_latency_ms is not None:
-            latency = self.max_latency_ms
-            if not _is_number(latency) or not (latency > 0 and math.isfinite(latency)):
-                raise InputError(f"infer.max_latency_ms must be a positive number, got {self.max_latency_ms!r}")
-            if self.batch != "auto":
-                raise InputError("infer.max_latency_ms applies to infer.batch 'auto' only")
+        check_latency_limit(self.max_latency_ms, self.batch == "auto", name="infer.max_latency_ms",
+                            batch_name="infer.batch")
 
 
 @dataclass(frozen=True)
@@ -87,19 +86,17 @@ class Profile:
             raise InputError(f"name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.description, str):
             raise InputError(f"description must be a string, got {self.description!r}")
-        for key in ("imgsz", "fallback_batch", "nominal_batch"):
-            _check_int(key, getattr(self, key))
-        if self.imgsz % 32:
-            raise InputError(f"train.imgsz must be a positive multiple of 32, got {self.imgsz}")
-        if self.max_batch is not None:
-            _check_int("max_batch", self.max_batch)
+        check_imgsz(self.imgsz, "train.imgsz")
+        for key in ("fallback_batch", "nominal_batch"):
+            check_count(getattr(self, key), f"train.{key}")
+        check_optional_count(self.max_batch, "train.max_batch")
         for key, kind in (("rounding", Rounding), ("lr_scaling", LrScaling), ("bn", BnPolicy)):
             object.__setattr__(self, key, _enum(key, kind, getattr(self, key)))
         if self.rect is not None and not isinstance(self.rect, bool):
             raise InputError(f"train.rect must be true, false or auto, got {self.rect!r}")
         if not isinstance(self.train_args, Mapping) or not all(isinstance(k, str) for k in self.train_args):
             raise InputError(f"train.args must be a mapping of Ultralytics train arguments, got {self.train_args!r}")
-        reserved = sorted(set(self.train_args) & _RESERVED_ARGS)
+        reserved = sorted(k for k in self.train_args if k in RESERVED_TRAIN_ARGS or k == "rect")  # rect: train.rect
         if reserved:
             raise InputError(f"train.args may not set {', '.join(reserved)}: "
                              "use the profile's own settings or the command-line options")
@@ -124,11 +121,6 @@ class Profile:
                 rows[f"train.{key}"] = _text(value)
         rows.update({f"infer.{k}": _text(v) for k, v in _as_dict(self)["infer"].items()})
         return rows
-
-
-def _check_int(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"train.{key} must be an integer >= 1, got {value!r}")
 
 
 def _enum(key: str, kind: type[Enum], value: Any) -> Any:
@@ -384,4 +376,4 @@ def _square_images(data: Path | None) -> bool:
                 sizes.append(image.size)
         except OSError:
             continue  # Ultralytics reports unreadable images itself
-    return all_square(sizes)
+    return all(width == height for width, height in sizes)

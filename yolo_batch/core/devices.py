@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 from yolo_batch.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,3 +61,28 @@ def parse_device(text: str | None, cuda_count: int) -> DeviceSelection:
         seen = f"{cuda_count} CUDA device(s)" if cuda_count else "no CUDA device"
         raise InputError(f"unknown device '{text}': this machine has {seen}")
     return DeviceSelection(cuda=indices)
+
+
+DEFAULT_MEMORY_FRACTION = 0.90  # of the memory free to us: training budgets and inference limits alike
+
+
+def inference_device(text: str | None, half: bool | None) -> tuple[Any, bool]:
+    """``--device`` and ``--half`` for inference, resolved once: one ``torch.device`` and whether FP16 applies.
+
+    ``half`` None means FP16 on a GPU; on a CPU FP16 never applies (PyTorch CPU inference runs in FP32), and an
+    explicit ``--half`` there is ignored with a warning.
+
+    Raises:
+        InputError: unknown device, or more than one GPU (inference runs on one device).
+    """
+    import torch
+
+    selection = parse_device(text, torch.cuda.device_count())
+    if selection.world_size > 1:
+        raise InputError(f"inference runs on one device; got '{text}' (start one run per GPU)")
+    device = torch.device("cpu") if selection.is_cpu else torch.device("cuda", selection.cuda[0])
+    if device.type == "cpu":
+        if half:
+            log.warning("--half ignored on CPU: PyTorch CPU inference runs in FP32")
+        return device, False
+    return device, True if half is None else bool(half)

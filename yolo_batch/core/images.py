@@ -15,13 +15,11 @@ dropped. The same function serves training (installed into Ultralytics' loader b
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
-
 import cv2
 import numpy as np
 
-Window = tuple[float, float]
+from yolo_batch.core.checks import Window, check_window
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -75,28 +73,8 @@ def _channels(image: np.ndarray, channels: int | None) -> np.ndarray:
     return np.ascontiguousarray(image[..., :3])
 
 
-def check_window(window: Iterable[float]) -> Window:
-    """``(low, high)`` as two finite floats with ``low < high``.
-
-    Raises:
-        ValueError: anything else.
-    """
-    values = tuple(window)
-    if len(values) != 2:
-        raise ValueError(f"a window is two numbers [low, high], got {list(values)}")
-    low, high = (float(v) for v in values)
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise ValueError(f"a window needs finite low < high, got [{low:g}, {high:g}]")
-    return low, high
-
-
 def png_bit_depth(header: bytes) -> int | None:
     """Bits per sample of a PNG from its first 26 bytes (None when ``header`` is not a PNG)."""
     if len(header) < 26 or not header.startswith(PNG_SIGNATURE) or header[12:16] != b"IHDR":
         return None
     return header[24]
-
-
-def all_square(sizes: Iterable[tuple[int, int]]) -> bool:
-    """Whether every (width, height) is square (True for none)."""
-    return all(width == height for width, height in sizes)

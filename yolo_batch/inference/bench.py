@@ -27,9 +27,10 @@ from typing import Any
 from rich.table import Table
 
 from yolo_batch import ultralytics_adapter
+from yolo_batch.core.devices import inference_device
 from yolo_batch.inference.config import InferConfig
 from yolo_batch.inference.engine import Engine, NmsSettings
-from yolo_batch.inference.runner import resolve_device, run_inference
+from yolo_batch.inference.runner import run_inference
 from yolo_batch.inference.sources import discover
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,7 @@ def run_infer_bench(config: InferConfig, repeats: int = 1) -> InferBenchReport:
         raise InputError(f"repeats must be >= 1, got {repeats}")
     batch = config.batch.fixed
     paths = list(discover(config.sources).paths)
-    device = resolve_device(config.device)
-    half = bool(config.half if config.half is not None else device.type == "cuda") and device.type != "cpu"
+    device, half = inference_device(config.device, config.half)
     saved_threads = torch.get_num_threads()
     runs: list[BenchRun] = []
     try:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from yolo_batch.core.checks import (
+    check_class_ids,
+    check_count,
+    check_imgsz,
+    check_latency_limit,
+    check_optional_count,
+    check_unit_interval,
+)
+from yolo_batch.core.models import DEFAULT_MODEL
 from yolo_batch.errors import InputError
-from yolo_batch.training.config import DEFAULT_MODEL
 
 DEFAULT_OUT = Path("runs/infer")
 MAX_FILE_BYTES = 512 << 20  # a larger image file is treated as a mistake, not decoded
@@ -95,24 +102,16 @@ class InferConfig:
             object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
         if not self.sources:
             raise InputError("no SOURCE given: pass a folder, a glob or a text file listing image paths")
-        if self.imgsz < 32 or self.imgsz % 32:
-            raise InputError(f"imgsz must be a multiple of 32 and at least 32, got {self.imgsz}")
-        _check_fraction("conf", self.conf)
-        _check_fraction("iou", self.iou)
-        if self.max_det < 1:
-            raise InputError(f"max-det must be >= 1, got {self.max_det}")
-        if self.classes is not None and any(c < 0 for c in self.classes):
-            raise InputError(f"classes must be class ids >= 0, got {list(self.classes)}")
+        check_imgsz(self.imgsz)
+        check_unit_interval(self.conf, "conf")
+        check_unit_interval(self.iou, "iou")
+        check_count(self.max_det, "max-det")
+        check_class_ids(self.classes)
         for name in ("workers", "threads", "streams"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise InputError(f"{name} must be >= 1, got {value}")
-        if self.max_latency_ms is not None and not (self.max_latency_ms > 0 and math.isfinite(self.max_latency_ms)):
-            raise InputError(f"max-latency-ms must be a positive number, got {self.max_latency_ms}")
-        if self.max_latency_ms is not None and not self.batch.is_auto:
-            raise InputError("--max-latency-ms applies to --batch auto only")
-        if self.max_file_bytes < 1 or self.max_pixels < 1:
-            raise InputError("file and pixel limits must be >= 1")
+            check_optional_count(getattr(self, name), name)
+        check_latency_limit(self.max_latency_ms, self.batch.is_auto)
+        check_count(self.max_file_bytes, "max file bytes")
+        check_count(self.max_pixels, "max pixels")
 
     def result_settings(self) -> dict[str, Any]:
         """The settings that change what the results say: a resumed run must use the same ones."""
@@ -129,21 +128,3 @@ class InferConfig:
             "formats": [f.value for f in self.formats],
             "save_annotated": self.save_annotated, "max_latency_ms": self.max_latency_ms, "overwrite": self.overwrite,
         }
-
-
-def parse_class_ids(text: str) -> tuple[int, ...]:
-    """``"0,2"`` -> ``(0, 2)`` (the form ``--classes`` and ``YOLO_BATCH_CLASSES`` take).
-
-    Raises:
-        ValueError: a part that is not a class id (an integer >= 0).
-    """
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    for part in parts:
-        if not part.isdigit():
-            raise ValueError(f"'{part}' is not a class id: expected class ids such as 0,2 (integers >= 0)")
-    return tuple(int(p) for p in parts)
-
-
-def _check_fraction(name: str, value: float) -> None:
-    if not (0.0 <= value <= 1.0) or math.isnan(value):
-        raise InputError(f"{name} must be in [0, 1], got {value}")

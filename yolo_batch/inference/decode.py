@@ -22,7 +22,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from yolo_batch.core.images import Window, to_uint8
+from yolo_batch.core.checks import Window
+from yolo_batch.core.images import to_uint8
 from yolo_batch.inference.headers import (
     has_exif,
     image_size,

@@ -16,7 +16,7 @@ import numpy as np
 from rich.console import Group
 from rich.table import Table
 
-from yolo_batch.core.devices import parse_device
+from yolo_batch.core.devices import inference_device
 from yolo_batch.errors import InputError
 from yolo_batch.inference.buckets import NO_PADDING, PaddingStats
 from yolo_batch.inference.config import InferConfig, OutputFormat, default_workers
@@ -140,11 +140,7 @@ def run_inference(config: InferConfig, progress: ProgressReporter | None = None,
     start = time.perf_counter()
     progress = progress or NullProgress()
     discovery = discover(config.sources)  # before touching --out: bad sources must not create folders
-    device = resolve_device(config.device)
-    half = bool(config.half if config.half is not None else device.type == "cuda")
-    if half and device.type == "cpu":
-        log.warning("--half ignored on CPU: PyTorch CPU inference runs in FP32")
-        half = False
+    device, half = inference_device(config.device, config.half)
     out = config.out
     _check_output(config)
     engine = Engine.load(config.model, device, half, config.imgsz,
@@ -220,20 +216,6 @@ def cpu_parallelism(config: InferConfig, on_gpu: bool) -> tuple[int, int]:
         return config.threads or torch.get_num_threads(), config.streams or 1
     threads = config.threads or 1
     return threads, config.streams or max(1, (os.cpu_count() or 1) // threads)
-
-
-def resolve_device(text: str | None) -> Any:
-    """``--device`` as one ``torch.device`` (infer uses a single device).
-
-    Raises:
-        InputError: unknown device, or more than one GPU.
-    """
-    import torch
-
-    selection = parse_device(text, torch.cuda.device_count())
-    if selection.world_size > 1:
-        raise InputError(f"infer runs on one device; got '{text}' (start one run per GPU)")
-    return torch.device("cpu") if selection.is_cpu else torch.device("cuda", selection.cuda[0])
 
 
 def _clear_output(config: InferConfig) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from yolo_batch.core.devices import DEFAULT_MEMORY_FRACTION
 from yolo_batch.core.oom import is_oom_error
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 TOLERANCE = 0.05
 # Largest batch --batch auto explores, by device type: GPUs often keep gaining past 64 (inspection).
 AUTO_MAX_BATCH = MappingProxyType({"cuda": 256, "cpu": 32})
-MEMORY_FRACTION = 0.9  # of the memory free to us on the GPU (NVML), as for training
 
 
 @dataclass(frozen=True)
@@ -202,5 +202,5 @@ def _memory_budget(device: Any) -> int | None:
     except NvmlUnavailable as exc:
         log.warning("memory budget from torch instead of NVML: %s", exc)
         free, _ = torch.cuda.mem_get_info(device)
-        return int(MEMORY_FRACTION * (free + torch.cuda.memory_reserved(device)))
-    return int(MEMORY_FRACTION * (gpu.free_bytes + torch.cuda.memory_reserved(device)))
+        return int(DEFAULT_MEMORY_FRACTION * (free + torch.cuda.memory_reserved(device)))
+    return int(DEFAULT_MEMORY_FRACTION * (gpu.free_bytes + torch.cuda.memory_reserved(device)))

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from yolo_batch.core.devices import inference_device
 from yolo_batch.inference.decode import (
     DecodeLimits,
     DecoderChoice,
@@ -26,7 +27,7 @@ from yolo_batch.inference.decode import (
 )
 from yolo_batch.inference.engine import Detection, Engine, NmsSettings
 from yolo_batch.inference.oom_split import BatchSize, OutOfMemoryAlone
-from yolo_batch.inference.runner import cpu_parallelism, resolve_device
+from yolo_batch.inference.runner import cpu_parallelism
 from yolo_batch.inference.stages import InferStep, Prepared, PrepareStep
 from yolo_batch.inference.throughput import (
     AUTO_MAX_BATCH,
@@ -102,11 +103,7 @@ class DetectorBackend:
         """
         import torch
 
-        device = resolve_device(config.device)
-        half = bool(config.half if config.half is not None else device.type == "cuda")
-        if half and device.type == "cpu":
-            log.warning("half ignored on CPU: PyTorch CPU inference runs in FP32")
-            half = False
+        device, half = inference_device(config.device, config.half)
         engine = Engine.load(config.model, device, half, config.imgsz,
                              NmsSettings(config.conf, config.iou, config.max_det, config.classes))
         backend = cls(engine, config)

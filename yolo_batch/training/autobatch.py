@@ -18,10 +18,11 @@ from typing import Any, Protocol
 
 from yolo_batch import __version__, ultralytics_adapter
 from yolo_batch.core.devices import DeviceSelection, parse_device
+from yolo_batch.core.models import model_fingerprint
 from yolo_batch.core.nvml import GpuMemory, NvmlUnavailable, read_gpus
 from yolo_batch.errors import InputError, YoloBatchError
 from yolo_batch.training.batchnorm import choose_bn_policy
-from yolo_batch.training.cache import DecisionCache, cache_key, model_fingerprint
+from yolo_batch.training.cache import DecisionCache, cache_key
 from yolo_batch.training.config import SizingConfig
 from yolo_batch.training.data import (
     DatasetInfo,

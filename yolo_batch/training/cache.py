@@ -9,21 +9,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from yolo_batch.core.files import sha256_file
 from yolo_batch.training.decision import AutoBatchDecision
 
 log = logging.getLogger(__name__)
-
-
-def model_fingerprint(spec: str) -> str:
-    """A local .pt by content hash; an Ultralytics yaml name by name (its content ships with Ultralytics,
-    whose version is part of the key)."""
-    path = Path(spec)
-    if path.suffix == ".pt" and path.is_file():
-        return f"pt:{sha256_file(path)[:16]}"
-    if path.is_file():  # a user's own yaml file
-        return f"yaml:{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
-    return f"name:{spec}"
 
 
 def cache_key(fields: Mapping[str, Any]) -> str:

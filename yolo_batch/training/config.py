@@ -6,7 +6,6 @@ parses that once so nothing deeper has to know the convention.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -14,10 +13,24 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from yolo_batch.core.checks import (
+    check_count,
+    check_imgsz,
+    check_memory_fraction,
+    check_number,
+    check_optional_count,
+    check_window,
+)
+from yolo_batch.core.devices import DEFAULT_MEMORY_FRACTION
+from yolo_batch.core.models import DEFAULT_MODEL
 from yolo_batch.errors import InputError
 
-DEFAULT_FRACTION = 0.90  # of the memory free to us; verification keeps the real peak inside it
-DEFAULT_MODEL = "yolo11n.yaml"
+# Ultralytics train arguments yolo-batch sets itself, and where the user sets them instead of passing them through.
+RESERVED_TRAIN_ARGS: Mapping[str, str] = MappingProxyType({
+    "batch": "--batch/--auto", "nbs": "--nominal-batch", "imgsz": "--imgsz", "epochs": "--epochs",
+    "device": "--device", "data": "--data", "model": "--model", "project": "--project", "name": "--name",
+    "mode": "the command (train)", "task": "the model (detection)", "resume": "a run of its own",
+})
 
 
 class Rounding(str, Enum):
@@ -51,13 +64,12 @@ class BatchRequest:
     """Either a fixed batch or an AutoBatch request with a memory fraction."""
 
     fixed: int | None = None
-    fraction: float = DEFAULT_FRACTION
+    fraction: float = DEFAULT_MEMORY_FRACTION
 
     def __post_init__(self) -> None:
-        if self.fixed is not None and self.fixed < 1:
+        if self.fixed is not None and (isinstance(self.fixed, bool) or self.fixed < 1):
             raise InputError(f"batch must be -1 (auto), a fraction in (0, 1] or an integer >= 1, got {self.fixed}")
-        if not (0.0 < self.fraction <= 1.0) or math.isnan(self.fraction):
-            raise InputError(f"memory fraction must be in (0, 1], got {self.fraction}")
+        check_memory_fraction(self.fraction)
 
     @property
     def is_auto(self) -> bool:
@@ -78,9 +90,7 @@ class BatchRequest:
             if whole < 1:
                 raise InputError(f"batch must be -1 (auto), a fraction in (0, 1] or an integer >= 1, got {whole}")
             return cls(fixed=whole)
-        if not (0.0 < number <= 1.0):
-            raise InputError(f"memory fraction must be in (0, 1], got {text}")
-        return cls(fraction=number)
+        return cls(fraction=check_memory_fraction(number))
 
     def __str__(self) -> str:
         return str(self.fixed) if self.fixed is not None else f"auto ({self.fraction:.0%} of free memory)"
@@ -111,18 +121,12 @@ class SizingConfig:
     profile: str = "default"  # the profile these settings came from (named in the decision's reasons)
 
     def __post_init__(self) -> None:
-        if self.imgsz <= 0 or self.imgsz % 32:
-            raise InputError(f"imgsz must be a positive multiple of 32, got {self.imgsz}")
-        if self.nominal_batch < 1:
-            raise InputError(f"nominal batch must be >= 1, got {self.nominal_batch}")
-        if self.epochs < 1:
-            raise InputError(f"epochs must be >= 1, got {self.epochs}")
-        if self.fallback_batch < 1:
-            raise InputError(f"fallback batch must be >= 1, got {self.fallback_batch}")
-        if not self.lr0 > 0:
-            raise InputError(f"lr0 must be > 0, got {self.lr0}")
-        if self.max_batch is not None and self.max_batch < 1:
-            raise InputError(f"max batch must be >= 1, got {self.max_batch}")
+        check_imgsz(self.imgsz)
+        check_count(self.nominal_batch, "nominal batch")
+        check_count(self.epochs, "epochs")
+        check_count(self.fallback_batch, "fallback batch")
+        check_number(self.lr0, "lr0", positive=True)
+        check_optional_count(self.max_batch, "max batch")
 
     @property
     def starts_from_weights(self) -> bool:
@@ -143,7 +147,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
         if self.image_window is not None:
-            low, high = (float(v) for v in self.image_window)
-            if not (math.isfinite(low) and math.isfinite(high) and low < high):
-                raise InputError(f"image window must be two finite numbers, low < high, got {list(self.image_window)}")
-            object.__setattr__(self, "image_window", (low, high))
+            try:
+                object.__setattr__(self, "image_window", check_window(self.image_window))
+            except ValueError as exc:
+                raise InputError(f"image window: {exc}") from None

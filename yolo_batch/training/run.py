@@ -14,7 +14,12 @@ from yolo_batch import ultralytics_adapter
 from yolo_batch.errors import InputError
 from yolo_batch.training import batchnorm
 from yolo_batch.training.autobatch import GpuBackend, estimate_batch
-from yolo_batch.training.config import BnPolicy, SizingConfig, TrainConfig
+from yolo_batch.training.config import (
+    RESERVED_TRAIN_ARGS,
+    BnPolicy,
+    SizingConfig,
+    TrainConfig,
+)
 from yolo_batch.training.data import resolve_data
 from yolo_batch.training.decision import AutoBatchDecision
 
@@ -23,9 +28,6 @@ log = logging.getLogger(__name__)
 DECISION_FILE = "autobatch.json"
 # Pass-through keys that decide the batch and its consequences: lifted into the typed sizing config.
 _LIFTED = {"optimizer": str, "lr0": float, "momentum": float}
-# Keys with an option of their own: setting them twice would be ambiguous.
-_OWN_OPTION = {"batch": "--batch/--auto", "nbs": "--nominal-batch", "imgsz": "--imgsz", "epochs": "--epochs",
-               "device": "--device", "data": "--data", "model": "--model", "project": "--project", "name": "--name"}
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,8 @@ def split_train_args(sizing: SizingConfig, extra: Mapping[str, Any]) -> tuple[Si
         InputError: unknown keys, bad values, or keys that have an option of their own.
     """
     for key in extra:
-        if key in _OWN_OPTION:
-            raise InputError(f"'{key}' has its own option: use {_OWN_OPTION[key]} instead of --set {key}=...")
+        if key in RESERVED_TRAIN_ARGS:
+            raise InputError(f"'{key}' is set by yolo-batch: use {RESERVED_TRAIN_ARGS[key]} instead of --set {key}=...")
     values = ultralytics_adapter.validate_train_args(extra)
     lifted: dict[str, Any] = {k: _LIFTED[k](values.pop(k)) for k in list(values) if k in _LIFTED}
     if "amp" in values:

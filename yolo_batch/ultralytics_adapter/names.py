@@ -34,6 +34,7 @@ DEPENDS_ON: tuple[Dependency, ...] = (
     Dependency("ultralytics.cfg.check_dict_alignment", "naming an unknown train argument", private=True),
     Dependency("ultralytics.utils.DEFAULT_CFG_DICT", "the known train argument names", private=True),
     Dependency("ultralytics.utils.USER_CONFIG_DIR", "a font the user placed there"),
+    Dependency("ultralytics.utils.SETTINGS", "replaced by a copy during calls: Ray Tune reporting off", private=True),
     Dependency("ultralytics.utils.WEIGHTS_DIR", "whether the AMP check's reference weights are on disk"),
     Dependency("ultralytics.data.utils.check_det_dataset", "reading a data yaml (autodownload off)"),
     Dependency("ultralytics.data.utils.IMG_FORMATS", "which files of a split are images"),

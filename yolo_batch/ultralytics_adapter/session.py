@@ -11,6 +11,11 @@ while a call into Ultralytics is in progress:
 * ``ultralytics.engine.trainer.check_amp`` would download yolo26n.pt: the AMP check compares an fp32 and an
   autocast forward pass of the model being trained instead (:func:`amp_forward_matches`).
 
+One more replacement is not about the network: while a call runs, ``ultralytics.utils.SETTINGS`` is a copy
+with ``raytune`` off, because with Ray installed (yolo-batch's ``ray`` extra) Ultralytics would import Ray
+Tune into every training run to report to a tuning session yolo-batch never starts. The user's settings file
+is not touched (Ultralytics' SETTINGS writes itself to disk on every change).
+
 Calls may nest and run on several threads (the service loads its model while requests are answered), so the
 guards are counted: the first call in applies them, the last one out restores Ultralytics' own functions.
 Importing Ultralytics has side effects of its own (OpenCV's thread count, print options, a settings file under
@@ -82,8 +87,10 @@ class _Guards:
             self._replace(importlib.import_module(name), "check_font", local_font)
         trainer = importlib.import_module(_AMP_MODULE)
         self._replace(trainer, "check_amp", _offline_check_amp(trainer.check_amp))
+        utils = importlib.import_module("ultralytics.utils")
+        self._replace(utils, "SETTINGS", {**utils.SETTINGS, "raytune": False})
 
-    def _replace(self, module: ModuleType, name: str, replacement: Callable[..., Any]) -> None:
+    def _replace(self, module: ModuleType, name: str, replacement: Any) -> None:
         original = getattr(module, name)
         setattr(module, name, replacement)
         self._restore.append(lambda: setattr(module, name, original))
