@@ -19,7 +19,10 @@ install-dev: $(BIN)/python
 demo: install
 	$(BIN)/yolo-batch train --auto --epochs 3 --imgsz 320
 
+# Lint and type-check first (seconds), then the suite.
 test: install-dev
+	$(BIN)/ruff check yolo_batch datasets tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 clean:

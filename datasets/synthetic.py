@@ -104,7 +104,7 @@ def _rectangle(rng: np.random.Generator, s: int) -> np.ndarray:
 
 
 def _triangle(rng: np.random.Generator, s: int) -> np.ndarray:
-    angles = rng.uniform(0, 2 * np.pi) + np.radians([0, 120, 240] + rng.uniform(-25, 25, size=3))
+    angles = rng.uniform(0, 2 * np.pi) + np.radians(np.array([0, 120, 240]) + rng.uniform(-25, 25, size=3))
     radii = rng.uniform(0.06, 0.16) * s * rng.uniform(0.8, 1.0, size=3)
     return _fill(s, _centre(rng, s) + np.stack([np.cos(angles), np.sin(angles)], 1) * radii[:, None])
 

@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from yolo_batch.inference.decode import DecodeError, FailureKind
 from yolo_batch.inference.letterbox import plan_letterbox
 from yolo_batch.inference.oom_split import BatchSize
-from yolo_batch.serving.app import create_app
 from yolo_batch.inference.stages import Prepared
+from yolo_batch.serving.app import create_app
 from yolo_batch.serving.backend import ItemResult
 from yolo_batch.serving.config import ServeConfig
 from yolo_batch.serving.load import free_port  # noqa: F401 (re-exported for the tests)

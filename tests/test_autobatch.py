@@ -124,7 +124,7 @@ def test_fixed_batch_is_kept_and_split_across_gpus(shapes_yaml):
 
 def test_no_batch_fits_is_a_clear_error(shapes_yaml):
     nvml = fake_pynvml([FakeDevice(total=10 * GIB, used=9 * GIB)])
-    with pytest.raises(BudgetTooSmall, match="batch 1 peaks at .* budget is 0.90 GiB"):
+    with pytest.raises(BudgetTooSmall, match=r"batch 1 peaks at .* budget is 0\.90 GiB"):
         estimate_batch(config(shapes_yaml), backend=FakeBackend(CurveGpu(linear(2, 0.1))), nvml=nvml)
 
 

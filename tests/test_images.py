@@ -99,8 +99,8 @@ def test_bad_input(image, kwargs, error, message):
 
 def test_helpers():
     assert check_window([0, 4095]) == (0.0, 4095.0)
-    ok16, png16 = cv2.imencode(".png", ramp(0, 4095))
-    ok8, png8 = cv2.imencode(".png", ramp(0, 255, np.uint8))
+    _, png16 = cv2.imencode(".png", ramp(0, 4095))
+    _, png8 = cv2.imencode(".png", ramp(0, 255, np.uint8))
     assert png_bit_depth(png16.tobytes()[:26]) == 16 and png_bit_depth(png8.tobytes()[:26]) == 8
     assert png_bit_depth(b"\xff\xd8\xff" + bytes(30)) is None
 

@@ -151,7 +151,7 @@ def test_resume_after_kill_9_gives_every_image_exactly_once(detector, tmp_path):
     with open(results, "a") as handle:  # what a kill during a write leaves: half a line
         handle.write('{"path": "' + str(folder / "199.jpg") + '", "width": 3')
 
-    done = subprocess.run(command[:-3] + ["--json", "--format", "csv"], env=env, capture_output=True, text=True,
+    done = subprocess.run([*command[:-3], "--json", "--format", "csv"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)

@@ -61,7 +61,7 @@ def test_non_pow2_batch_rounds_accumulation_and_scales():
 
 def test_auto_optimizer_is_pinned_to_ultralytics_choice_when_lr_changes():
     scale = plan(batch=128, optimizer="auto", n_train=500, epochs=10, nc=3)
-    name, lr, momentum = auto_optimizer(500, 128, 64, 10, 3)
+    name, lr, _ = auto_optimizer(500, 128, 64, 10, 3)
     assert name == "AdamW"  # few iterations: Ultralytics picks AdamW with its fitted lr
     assert lr == round(0.002 * 5 / 7, 6)
     assert scale.pinned == {"optimizer": "AdamW", "lr0": pytest.approx(lr * math.sqrt(2)), "momentum": 0.9,

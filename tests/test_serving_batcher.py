@@ -85,11 +85,36 @@ def test_items_beyond_max_batch_go_to_the_next_batch_in_order():
         batcher.stop()
 
 
-def test_a_lone_item_is_dispatched_once_its_delay_has_passed():
+class SteppedClock:
+    """A clock that moves only when the test says so, and tells the test when the batcher has read it."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.reads = 0
+        self._cond = threading.Condition()
+
+    def __call__(self) -> float:
+        with self._cond:
+            self.reads += 1
+            self._cond.notify_all()
+            return self.now
+
+    def wait_reads(self, count: int) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.reads >= count, T), "the batcher stopped looking at the clock"
+
+
+def test_a_lone_item_waits_for_its_delay_and_is_dispatched_once_it_has_passed():
+    clock = SteppedClock(100.0)
     rec = Recorder()
-    batcher = make(rec, max_batch=8, max_delay_s=0.01)
+    batcher = make(rec, max_batch=8, max_delay_s=0.02, clock=clock)
     try:
-        assert batcher.submit(7).result(T) == 70
+        future = batcher.submit(7)
+        reads = clock.reads
+        clock.wait_reads(reads + 3)  # the batch thread woke up three times and found the item not yet due
+        assert rec.batches == [] and not future.done()
+        clock.now = 100.02  # the oldest item has now waited max_delay
+        assert future.result(T) == 70
         assert rec.batches == [[7]]
     finally:
         batcher.stop()

@@ -212,7 +212,7 @@ def test_the_image_command_runs_from_the_wheel_in_a_fresh_venv(dockerfile, detec
         url = f"http://127.0.0.1:{port}"
 
         wait_for_status(f"{url}/healthz", process, log)
-        check = [i for i in stage if i.keyword == "HEALTHCHECK"][0].args
+        check = next(i for i in stage if i.keyword == "HEALTHCHECK").args
         probe = json.loads(check[check.index("CMD") + 3:].strip())  # the exec form after CMD
         assert probe[0] == "python"
         assert subprocess.run([str(python), *probe[1:]], env=env, timeout=30).returncode == 0

@@ -111,7 +111,7 @@ def test_hot_folder_loses_nothing_and_repeats_nothing_across_kill_9(detector, tm
     port = free_port()
     second = start([*args, "--port", str(port)], log)
     try:
-        until(lambda: len(list((inbox / "done").iterdir())) == total and not (inbox / "broken.jpg").exists()
+        until(lambda: (len(list((inbox / "done").iterdir())) == total and not (inbox / "broken.jpg").exists())
               or second.poll() is not None, timeout=120, what="every file moved")
         assert stop(second) == 0, log.read_text()
     finally:

@@ -70,8 +70,8 @@ def test_layout_and_labels(built: dict[str, Path], name: str) -> None:
                 cls, cx, cy, w, h = int(fields[0]), *map(float, fields[1:])
                 assert 0 <= cls < data["nc"]
                 assert all(len(f.split(".")[1]) == 6 for f in fields[1:])
-                assert 0 <= cx - w / 2 + 1e-6 and cx + w / 2 - 1e-6 <= 1
-                assert 0 <= cy - h / 2 + 1e-6 and cy + h / 2 - 1e-6 <= 1
+                assert cx - w / 2 + 1e-6 >= 0 and cx + w / 2 - 1e-6 <= 1
+                assert cy - h / 2 + 1e-6 >= 0 and cy + h / 2 - 1e-6 <= 1
                 assert w * spec.imgsz > 2 and h * spec.imgsz > 2
                 seen.add(cls)
                 n_objects += 1

@@ -257,7 +257,7 @@ def _parse_classes(ctx: click.Context, param: click.Parameter, values: tuple[str
     """``--classes 0,2`` or ``--classes 0 --classes 2``."""
     if not values:
         return None
-    from yolo_batch.inference.config import parse_class_ids
+    from yolo_batch.core.checks import parse_class_ids
 
     try:
         return tuple(c for value in values for c in parse_class_ids(value))
@@ -405,7 +405,8 @@ def serve_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             option = click.option(item.flag, multiple=True, callback=_parse_classes, metavar="IDS",
                                   help=item.help_text())
         else:
-            kind = {int: int, float: float, Path: click.Path(path_type=Path)}.get(item.parse)
+            kinds: dict[Any, Any] = {int: int, float: float, Path: click.Path(path_type=Path)}
+            kind = kinds.get(item.parse)
             option = click.option(item.flag, item.name, default=None, type=kind, help=item.help_text(),
                                   metavar="NAME|PATH.yaml" if item.name == "profile" else None)
         fn = option(fn)

@@ -127,7 +127,7 @@ def _enum(key: str, kind: type[Enum], value: Any) -> Any:
     try:
         return kind(value)
     except ValueError:
-        allowed = ", ".join(m.value for m in kind)  # type: ignore[attr-defined]
+        allowed = ", ".join(m.value for m in kind)
         raise InputError(f"train.{key} must be one of {allowed}, got {value!r}") from None
 
 

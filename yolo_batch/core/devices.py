@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,3 +88,22 @@ def inference_device(text: str | None, half: bool | None) -> tuple[Any, bool]:
             log.warning("--half ignored on CPU: PyTorch CPU inference runs in FP32")
         return device, False
     return device, True if half is None else bool(half)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Set torch's intra-op thread count for the block (None: leave it) and restore it after, also on error.
+
+    The count is process-wide in torch, so it is scoped to the call that needs it.
+    """
+    import torch
+
+    if count is None:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

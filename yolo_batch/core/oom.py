@@ -23,11 +23,7 @@ def is_oom_error(exc: BaseException) -> bool:
     ``torch.cuda.OutOfMemoryError`` is checked first; a message match covers older torch builds,
     cuDNN/cuBLAS allocation failures and errors re-raised as plain ``RuntimeError``.
     """
-    try:
-        import torch
-    except ImportError:  # the predicate stays usable without torch (NVML-only tools)
-        torch = None
-    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
+    if isinstance(exc, _torch_oom_types()):
         return True
     if isinstance(exc, MemoryError):
         return True
@@ -35,3 +31,11 @@ def is_oom_error(exc: BaseException) -> bool:
         return False
     message = str(exc).lower()
     return any(text in message for text in _OOM_MESSAGES)
+
+
+def _torch_oom_types() -> tuple[type[BaseException], ...]:
+    try:
+        import torch
+    except ImportError:  # the predicate stays usable without torch (NVML-only tools)
+        return ()
+    return (torch.cuda.OutOfMemoryError,)

@@ -50,8 +50,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AutoBatchChoice",
-    "choose_batch",
-    "ThroughputChoice",
     "BatchSetting",
     "DecodeError",
     "DecodedImage",
@@ -68,7 +66,9 @@ __all__ = [
     "Pipeline",
     "PipelineStats",
     "ShapeBuckets",
+    "ThroughputChoice",
     "ThroughputSample",
+    "choose_batch",
     "choose_throughput_batch",
     "default_workers",
     "discover",

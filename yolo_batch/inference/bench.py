@@ -148,8 +148,8 @@ def run_infer_bench(config: InferConfig, repeats: int = 1) -> InferBenchReport:
             predict_threads = torch.get_num_threads()
             ceiling = _Ceiling(config, device, half, paths, batch)
             ours_config = dataclasses.replace(config, out=Path(scratch) / "ours", overwrite=True)
-            warm = run_inference(dataclasses.replace(ours_config, sources=tuple(paths[:batch])))
-            threads, streams = warm.threads, warm.streams
+            first = run_inference(dataclasses.replace(ours_config, sources=tuple(paths[:batch])))
+            threads, streams = first.threads, first.streams
             cores = os.cpu_count() or 1
             for round_ in range(repeats):
                 torch.set_num_threads(predict_threads)

@@ -208,12 +208,12 @@ class ImageReader:
             depth = 8
         else:
             # ANYDEPTH keeps 16 bits for our own scaling; ANYCOLOR keeps grey as grey; EXIF rotation still applies.
-            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
-            if image is None:
+            raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+            if raw is None:
                 raise DecodeError(FailureKind.CORRUPT,
                                   f"corrupt or truncated {fmt.upper()}: OpenCV could not decode it")
-            depth = image.dtype.itemsize * 8
-            image = to_uint8(image, self.window)
+            depth = raw.dtype.itemsize * 8
+            image = to_uint8(raw, self.window)
         return image, depth
 
     def _read_bytes(self, path: str) -> bytes:

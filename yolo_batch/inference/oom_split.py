@@ -96,7 +96,7 @@ def run_with_split(items: Sequence[T], run: Callable[[Sequence[T]], Sequence[R]]
             start += step
         return out
     try:
-        results = list(run(items))
+        results: list[R | OutOfMemoryAlone] = list(run(items))
     except (RuntimeError, MemoryError) as exc:
         if not is_oom_error(exc):
             raise

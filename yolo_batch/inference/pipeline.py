@@ -13,6 +13,7 @@ written (they are valid), then the first error is re-raised.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -324,10 +325,8 @@ class Pipeline:
             stop.set()
             runner.join(upstream)
             if writer.is_alive():
-                try:  # let the writer finish what was computed, then end
+                with contextlib.suppress(Stopped):  # let the writer finish what was computed, then end
                     links["written"].put(_END)
-                except Stopped:
-                    pass
                 runner.join([writer])
         runner.raise_first()
         return PipelineStats(
@@ -353,7 +352,7 @@ class _Threads:
                 stage.loop()
             except Stopped:
                 pass
-            except BaseException as exc:  # handed to the calling thread, which re-raises it
+            except BaseException as exc:  # noqa: BLE001  (handed to the calling thread, which re-raises it)
                 self.errors.append(exc)
                 on_error.set()
                 self.stop.set()

@@ -16,7 +16,8 @@ import numpy as np
 from rich.console import Group
 from rich.table import Table
 
-from yolo_batch.core.devices import inference_device
+from yolo_batch.core.devices import inference_device, torch_threads
+from yolo_batch.core.files import write_json
 from yolo_batch.errors import InputError
 from yolo_batch.inference.buckets import NO_PADDING, PaddingStats
 from yolo_batch.inference.config import InferConfig, OutputFormat, default_workers
@@ -29,6 +30,7 @@ from yolo_batch.inference.decode import (
 )
 from yolo_batch.inference.engine import Engine, NmsSettings
 from yolo_batch.inference.headers import sniff_format
+from yolo_batch.inference.letterbox import Letterbox
 from yolo_batch.inference.oom_split import BatchSize, OomEvent
 from yolo_batch.inference.pipeline import Pipeline
 from yolo_batch.inference.progress import NullProgress, ProgressReporter
@@ -39,6 +41,7 @@ from yolo_batch.inference.throughput import (
     measure_engine,
 )
 from yolo_batch.inference.writers import (
+    JournalState,
     OutputFile,
     ResultWriter,
     read_journal,
@@ -135,71 +138,63 @@ def run_inference(config: InferConfig, progress: ProgressReporter | None = None,
     Raises:
         InputError: bad sources, model, device, or an output folder holding another configuration's results.
     """
-    import torch
-
     start = time.perf_counter()
     progress = progress or NullProgress()
     discovery = discover(config.sources)  # before touching --out: bad sources must not create folders
     device, half = inference_device(config.device, config.half)
-    out = config.out
     _check_output(config)
     engine = Engine.load(config.model, device, half, config.imgsz,
                          NmsSettings(config.conf, config.iou, config.max_det, config.classes))
     _clear_output(config)  # only once sources, device, folder and model are known to be good
-    journal = read_journal(out / OutputFile.RESULTS.value)
-    if OutputFormat.CSV in config.formats:
-        repair_csv(out / OutputFile.CSV.value, journal.done)
-    (out / OutputFile.ERRORS.value).unlink(missing_ok=True)  # earlier failures are retried below
-    own = os.path.abspath(out) + os.sep  # never read our own annotated copies back as inputs
-    paths = [p for p in discovery.paths if not p.startswith(own)]
-    pending = [p for p in paths if p not in journal.done]
-    workers = config.workers or default_workers(on_gpu=device.type == "cuda")
-    threads, streams = cpu_parallelism(config, device.type == "cuda")
-    saved_threads = torch.get_num_threads()
-    try:
-        if device.type == "cpu" or config.threads is not None:
-            torch.set_num_threads(threads)
+    journal, paths, pending = _resume(config, discovery.paths)
+    on_gpu = device.type == "cuda"
+    workers = config.workers or default_workers(on_gpu=on_gpu)
+    threads, streams = cpu_parallelism(config, on_gpu)
+    with torch_threads(threads if not on_gpu or config.threads is not None else None):
         decoder, jpeg = choose_jpeg_decoder(_jpeg_samples(pending))
         reader = ImageReader(DecodeLimits(config.max_file_bytes, config.max_pixels), jpeg, config.image_window)
         if pending:
             _warmup(engine, reader, pending[0])
-        choice = None
-        if config.batch.is_auto:
-            choice = _auto_batch(engine, reader, pending, config, device)
-            if on_batch_choice is not None:
-                on_batch_choice(choice)
+        choice = _auto_batch(engine, reader, pending, config, device) if config.batch.is_auto else None
+        if choice is not None and on_batch_choice is not None:
+            on_batch_choice(choice)
         batch_size = BatchSize(choice.batch if choice else config.batch.fixed or 1)
         _write_manifest(config)
-        pipeline_stats = None
+        stats = None
         if pending:
             progress.start(len(pending), len(paths) - len(pending))
             try:
-                with ResultWriter(out, config.formats, config.save_annotated,
-                                  relative_names(paths)) as writer:
-                    pipeline = Pipeline(engine, reader.read, writer, batch_size, workers, config.imgsz,
-                                        keep_originals=config.save_annotated, on_progress=progress.update,
-                                        streams=streams)
-                    pipeline_stats = pipeline.run(pending)
+                with ResultWriter(config.out, config.formats, config.save_annotated, relative_names(paths)) as writer:
+                    stats = Pipeline(engine, reader.read, writer, batch_size, workers, config.imgsz,
+                                     keep_originals=config.save_annotated,
+                                     on_progress=progress.update, streams=streams).run(pending)
             finally:
                 progress.stop()
                 engine.release()
-    finally:
-        torch.set_num_threads(saved_threads)
-    wall = time.perf_counter() - start
     summary = InferenceSummary(
-        out_dir=str(out), images_total=len(paths), done_before=len(paths) - len(pending),
-        processed=pipeline_stats.images if pipeline_stats else 0, failed=pipeline_stats.failed if pipeline_stats else 0,
-        detections=pipeline_stats.detections if pipeline_stats else 0, wall_s=wall,
-        images_per_s=pipeline_stats.images / pipeline_stats.wall_s if pipeline_stats and pipeline_stats.wall_s else 0.0,
-        stage_s=dict(pipeline_stats.stage_s) if pipeline_stats else {}, batch=batch_size(),
-        device=str(device), precision=engine.precision, workers=workers, threads=threads, streams=streams,
-        decoder=decoder,
-        padding=pipeline_stats.padding if pipeline_stats else NO_PADDING, batch_choice=choice,
-        oom_events=tuple(batch_size.events), journal_dropped_lines=journal.dropped_lines,
-        pipeline=pipeline_stats.to_dict() if pipeline_stats else {},
+        out_dir=str(config.out), images_total=len(paths), done_before=len(paths) - len(pending),
+        processed=stats.images if stats else 0, failed=stats.failed if stats else 0,
+        detections=stats.detections if stats else 0, wall_s=time.perf_counter() - start,
+        images_per_s=stats.images / stats.wall_s if stats and stats.wall_s else 0.0,
+        stage_s=dict(stats.stage_s) if stats else {}, batch=batch_size(), device=str(device),
+        precision=engine.precision, workers=workers, threads=threads, streams=streams, decoder=decoder,
+        padding=stats.padding if stats else NO_PADDING, batch_choice=choice, oom_events=tuple(batch_size.events),
+        journal_dropped_lines=journal.dropped_lines, pipeline=stats.to_dict() if stats else {},
     )
-    (out / OutputFile.SUMMARY.value).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    write_json(config.out / OutputFile.SUMMARY.value, summary.to_dict())
     return summary
+
+
+def _resume(config: InferConfig, discovered: Sequence[str]) -> tuple[JournalState, list[str], list[str]]:
+    """Read (and repair) what an earlier run of this folder finished: (journal, every path, paths still to do)."""
+    out = config.out
+    journal = read_journal(out / OutputFile.RESULTS.value)
+    if OutputFormat.CSV in config.formats:
+        repair_csv(out / OutputFile.CSV.value, journal.done)
+    (out / OutputFile.ERRORS.value).unlink(missing_ok=True)  # earlier failures are retried
+    own = os.path.abspath(out) + os.sep  # never read our own annotated copies back as inputs
+    paths = [p for p in discovered if not p.startswith(own)]
+    return journal, paths, [p for p in paths if p not in journal.done]
 
 
 def cpu_parallelism(config: InferConfig, on_gpu: bool) -> tuple[int, int]:
@@ -250,9 +245,8 @@ def _check_output(config: InferConfig) -> None:
 
 
 def _write_manifest(config: InferConfig) -> None:
-    path = config.out / OutputFile.MANIFEST.value
-    path.write_text(json.dumps({"result_settings": config.result_settings(), "config": config.to_dict()},
-                               indent=2) + "\n")
+    write_json(config.out / OutputFile.MANIFEST.value,
+               {"result_settings": config.result_settings(), "config": config.to_dict()})
 
 
 def _warmup(engine: Engine, reader: ImageReader, path: str) -> None:
@@ -265,7 +259,7 @@ def _warmup(engine: Engine, reader: ImageReader, path: str) -> None:
 
 
 def _jpeg_samples(paths: Sequence[str]) -> list[bytes]:
-    samples = []
+    samples: list[bytes] = []
     for path in paths:
         if len(samples) >= _DECODER_SAMPLES:
             break
@@ -282,7 +276,7 @@ def _jpeg_samples(paths: Sequence[str]) -> list[bytes]:
 def _auto_batch(engine: Engine, reader: ImageReader, paths: Sequence[str], config: InferConfig,
                 device: Any) -> ThroughputChoice:
     """Measure on the run's own first images, in their most common letterboxed shape."""
-    prepared = []
+    prepared: list[tuple[np.ndarray, Letterbox]] = []
     for path in paths:
         if len(prepared) >= _AUTO_SAMPLES:
             break

@@ -243,6 +243,6 @@ def draw_detections(image: np.ndarray, detections: Sequence[Detection]) -> np.nd
 def _color(class_id: int) -> tuple[int, int, int]:
     # golden-ratio hue steps: neighbouring class ids get clearly different colours
     hue = int((class_id * 0.618033988749895 % 1.0) * 180)
-    hsv = np.uint8([[[hue, 200, 230]]])
+    hsv = np.array([[[hue, 200, 230]]], dtype=np.uint8)
     b, g, r = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0]
     return int(b), int(g), int(r)

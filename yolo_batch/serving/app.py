@@ -14,6 +14,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from concurrent.futures import Executor
 from typing import Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -26,7 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from yolo_batch import __version__
 from yolo_batch.inference.decode import DecodeError
 from yolo_batch.inference.stages import Prepared
-from yolo_batch.serving.backend import DetectorBackend, ItemResult
+from yolo_batch.serving.backend import Backend, DetectorBackend, ItemResult
+from yolo_batch.serving.batcher import QueueFull, ShuttingDown
 from yolo_batch.serving.bodies import read_images
 from yolo_batch.serving.config import ServeConfig
 from yolo_batch.serving.errors import ServiceError, decode_error, service_error
@@ -189,23 +191,11 @@ async def _detect(state: ServiceState, request: Request, name: str | None) -> di
     state.metrics.in_flight.inc(count)
     try:
         with state.decoding(count):  # accepted: a drain waits for these to reach the queue
-            loop = asyncio.get_running_loop()
-            decoding = asyncio.gather(*(loop.run_in_executor(executor, backend.prepare, data, image_name)
-                                        for image_name, data in images), return_exceptions=True)
-            try:
-                prepared = await asyncio.wait_for(decoding, max(deadline - time.monotonic(), 0.0))
-            except asyncio.TimeoutError:
-                raise ServiceError(504, "timeout", f"not decoded within {config.timeout_ms:g} ms") from None
-            for index, (outcome, (image_name, _)) in enumerate(zip(prepared, images)):
-                if isinstance(outcome, DecodeError):
-                    raise decode_error(outcome, index, image_name)
-                if isinstance(outcome, BaseException):
-                    raise service_error(outcome)
-            ready = [p for p in prepared if isinstance(p, Prepared)]
+            ready = await _decode(backend, executor, images, deadline, config.timeout_ms)
             queued = time.monotonic()
             try:
                 futures = batcher.submit_many(ready, deadline=deadline)
-            except Exception as exc:  # QueueFull -> 429, ShuttingDown -> 503
+            except (QueueFull, ShuttingDown) as exc:
                 raise service_error(exc, state.retry_after_s()) from None
         waiting = asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
         try:
@@ -224,6 +214,24 @@ async def _detect(state: ServiceState, request: Request, name: str | None) -> di
         state.metrics.in_flight.dec(count)
     state.metrics.images.labels("http", "ok").inc(count)
     return {"results": results}
+
+
+async def _decode(backend: Backend, executor: Executor, images: list[tuple[str, bytes]], deadline: float,
+                  timeout_ms: float) -> list[Prepared]:
+    """Decode and letterbox a request's images in the decode pool; the first bad image is the answer."""
+    loop = asyncio.get_running_loop()
+    decoding = asyncio.gather(*(loop.run_in_executor(executor, backend.prepare, data, image_name)
+                                for image_name, data in images), return_exceptions=True)
+    try:
+        prepared = await asyncio.wait_for(decoding, max(deadline - time.monotonic(), 0.0))
+    except asyncio.TimeoutError:
+        raise ServiceError(504, "timeout", f"not decoded within {timeout_ms:g} ms") from None
+    for index, (outcome, (image_name, _)) in enumerate(zip(prepared, images)):
+        if isinstance(outcome, DecodeError):
+            raise decode_error(outcome, index, image_name)
+        if isinstance(outcome, BaseException):
+            raise service_error(outcome)
+    return [p for p in prepared if isinstance(p, Prepared)]
 
 
 def _install_error_handlers(app: FastAPI, state: ServiceState) -> None:

@@ -1,5 +1,6 @@
-"""The service's model side, made of the infer pipeline's steps: decode, :class:`~yolo_batch.inference.stages.PrepareStep`,
-shape groups and :class:`~yolo_batch.inference.stages.InferStep` (engine, NMS, OOM split).
+"""The service's model side, made of the infer pipeline's steps: decode,
+:class:`~yolo_batch.inference.stages.PrepareStep`, shape groups and :class:`~yolo_batch.inference.stages.InferStep`
+(engine, NMS, OOM split).
 
 :meth:`DetectorBackend.prepare` runs in decode threads (bytes -> letterboxed image); :meth:`DetectorBackend.process`
 is the batcher's ``process``: it groups a batch by letterboxed shape (as infer's buckets do), runs each group

@@ -174,7 +174,8 @@ class ServeBenchReport:
                      "batch cycles" + (" (over 2: the median alone exceeds 2 batch times)"
                                        if d["batch_cycles"] > 2 else "")),
             ("offline infer", f"{d['offline_images_per_s']:.1f} img/s (same images, model, batch, device)"),
-            ("ratio", f"{d['ratio_to_offline']:.2f}x offline (target >= {TARGET_RATIO}x: {verdict(target['ratio_met'])})"),
+            ("ratio", f"{d['ratio_to_offline']:.2f}x offline "
+                      f"(target >= {TARGET_RATIO}x: {verdict(target['ratio_met'])})"),
             ("p99 bound", f"max delay + 2 batch times = {target['p99_bound_ms']:.1f} ms per request "
                           f"({verdict(target['p99_met'])}), {target['p99_bound_per_batch_ms']:.1f} ms per batch "
                           f"({verdict(target['p99_met_per_batch'])})"),

@@ -92,8 +92,10 @@ class ServeConfig:
         for name in ("watch", "out"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
-        if self.classes is not None:
-            object.__setattr__(self, "classes", check_class_ids(self.classes))
+        object.__setattr__(self, "classes", check_class_ids(self.classes))
+        self._check_limits()
+
+    def _check_limits(self) -> None:
         if not self.host.strip():
             raise InputError("host must not be empty")
         if not 0 <= self.port <= 65535:

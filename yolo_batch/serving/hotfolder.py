@@ -77,8 +77,9 @@ class Journal:
     def open(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.repair()
-        self._results = open(self.results_path, "a", encoding="utf-8")
-        self._errors = open(self.errors_path, "a", encoding="utf-8")
+        # Open for the service's life, appended batch by batch; close() ends them.
+        self._results = open(self.results_path, "a", encoding="utf-8")  # noqa: SIM115
+        self._errors = open(self.errors_path, "a", encoding="utf-8")  # noqa: SIM115
 
     def close(self) -> None:
         for handle in (self._results, self._errors):

@@ -119,7 +119,7 @@ class ServiceState:
             log.info("ready (warmed up in %.1f s): %s on %s, max batch %s, %d stream(s), max delay %g ms",
                      time.perf_counter() - started, self.config.model, info.get("device"), info.get("max_batch"),
                      backend.streams, self.config.max_delay_ms)
-        except Exception as exc:  # reported by /readyz and, under the server, ends the process
+        except Exception as exc:  # noqa: BLE001  (reported by /readyz and, under the server, ends the process)
             self.load_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
             log.error("the service could not start: %s", self.load_error)
             if self.on_fatal is not None:
@@ -187,7 +187,7 @@ class ServiceState:
             try:
                 prepared = backend.prepare(data, name)
                 inner = batcher.submit(prepared)
-            except Exception as exc:  # decode failures, a full queue, shutdown: the hot folder sorts them
+            except Exception as exc:  # noqa: BLE001  (decode failures, a full queue, shutdown: the hot folder sorts them)
                 outer.set_exception(exc)
                 return
             inner.add_done_callback(lambda f: chain(prepared, f))

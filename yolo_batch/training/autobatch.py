@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -96,50 +97,78 @@ def estimate_batch(
     model = model if model is not None else ultralytics_adapter.load_model(config.model)
     devices = parse_device(config.device, backend.device_count())
     cache = cache or DecisionCache(cache_dir() / "autobatch")
-    start = time.perf_counter()  # estimation time, after the inputs are loaded and checked
+    request = _Request(config, info, devices, start=time.perf_counter())  # timed after the inputs are checked
 
-    if not config.batch.is_auto:
-        if config.batch.fixed % devices.world_size:
-            raise InputError(f"batch {config.batch.fixed} must be a multiple of the {devices.world_size} GPUs")
-        per_device = config.batch.fixed // devices.world_size
-        return _decide(config, info, devices, per_device, "fixed", start, reasons=("batch set by the user",))
-
-    cap = max(info.train_images // devices.world_size, 1)
-    if config.max_batch is not None:
-        cap = min(cap, config.max_batch)  # a profile's cap per device (medical: 2)
-    fallback = round_batch(min(config.fallback_batch, cap), config.rounding)
-    default = f"the default batch {fallback}" + (
-        f" (default {config.fallback_batch} rounded {config.rounding.value}, at most {cap} per device"
-        f" for {info.train_images} training images)"
-        if fallback != config.fallback_batch else "")
+    fixed = config.batch.fixed
+    if fixed is not None:
+        if fixed % devices.world_size:
+            raise InputError(f"batch {fixed} must be a multiple of the {devices.world_size} GPUs")
+        return request.decide(fixed // devices.world_size, "fixed", reasons=("batch set by the user",))
     if devices.is_cpu:
         why = "no CUDA GPU found" if config.device is None else "device is CPU"
-        reason = f"{why}: AutoBatch sizes GPU memory, so {default} is used"
-        return _decide(config, info, devices, fallback, "fallback", start, reasons=(reason,))
+        return request.fall_back(f"{why}: AutoBatch sizes GPU memory, so {request.default_text} is used")
     try:
         reserved = backend.init_context(devices.cuda[0])
         gpus = read_gpus(devices.cuda, nvml=nvml)
     except (NvmlUnavailable, RuntimeError) as exc:  # RuntimeError: the CUDA runtime itself failed to start
-        reason = f"{exc}; using {default}"
-        return _decide(config, info, devices, fallback, "fallback", start, reasons=(reason,))
-
+        return request.fall_back(f"{exc}; using {request.default_text}")
     budgets, notes = gpu_budgets(gpus, config.batch.fraction, reserved, devices.world_size)
+    return _measure(request, budgets, notes, backend, cache, model)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One estimation: what was asked, what the data holds, which devices, and when it started."""
+
+    config: SizingConfig
+    info: DatasetInfo
+    devices: DeviceSelection
+    start: float
+
+    @property
+    def cap(self) -> int:
+        """The largest per-device batch worth trying: the dataset's size, or a profile's cap (medical: 2)."""
+        cap = max(self.info.train_images // self.devices.world_size, 1)
+        return cap if self.config.max_batch is None else min(cap, self.config.max_batch)
+
+    @property
+    def fallback(self) -> int:
+        return round_batch(min(self.config.fallback_batch, self.cap), self.config.rounding)
+
+    @property
+    def default_text(self) -> str:
+        config = self.config
+        if self.fallback == config.fallback_batch:
+            return f"the default batch {self.fallback}"
+        return (f"the default batch {self.fallback} (default {config.fallback_batch} rounded {config.rounding.value}, "
+                f"at most {self.cap} per device for {self.info.train_images} training images)")
+
+    def decide(self, batch: int, source: str, **kwargs: Any) -> AutoBatchDecision:
+        return _decide(self.config, self.info, self.devices, batch, source, self.start, **kwargs)
+
+    def fall_back(self, reason: str) -> AutoBatchDecision:
+        return self.decide(self.fallback, "fallback", reasons=(reason,))
+
+
+def _measure(request: _Request, budgets: list[GpuBudget], notes: list[str], backend: GpuBackend,
+             cache: DecisionCache, model: Any) -> AutoBatchDecision:
+    """Probe on the tightest GPU (or reuse a cached decision that still fits today's budget)."""
+    config, info = request.config, request.info
     tightest = min(budgets, key=lambda g: g.budget_bytes)
     key = cache_key({
         "gpu": tightest.name, "total": tightest.total_bytes, "model": model_fingerprint(config.model),
         "nc": info.nc, "targets": info.worst_case_targets, "imgsz": config.imgsz, "amp": config.amp,
         "optimizer": config.optimizer, "fraction": config.batch.fraction, "rounding": config.rounding.value,
-        "cap": cap, "world": devices.world_size, "yolo_batch": __version__, **ultralytics_adapter.versions(),
+        "cap": request.cap, "world": request.devices.world_size, "yolo_batch": __version__,
+        **ultralytics_adapter.versions(),
     })
-    if config.use_cache:
-        cached = cache.load(key)
-        if cached is not None and cached.verified_peak_bytes is not None:
-            if cached.verified_peak_bytes <= tightest.budget_bytes:
-                peak = cached.verified_peak_bytes / 2**30
-                reasons = (*notes, f"cache hit: the verified peak {peak:.2f} GiB fits today's budget")
-                return _decide(config, info, devices, cached.batch, "autobatch", start, reasons=reasons,
-                               gpus=budgets, cached=cached)
-            notes.append("cached decision no longer fits: other processes now hold more memory; re-measuring")
+    cached = cache.load(key) if config.use_cache else None
+    if cached is not None and cached.verified_peak_bytes is not None:
+        if cached.verified_peak_bytes <= tightest.budget_bytes:
+            peak = cached.verified_peak_bytes / 2**30
+            reasons = (*notes, f"cache hit: the verified peak {peak:.2f} GiB fits today's budget")
+            return request.decide(cached.batch, "autobatch", reasons=reasons, gpus=budgets, cached=cached)
+        notes.append("cached decision no longer fits: other processes now hold more memory; re-measuring")
 
     from yolo_batch.training.probe import ProbeSetup
 
@@ -147,17 +176,15 @@ def estimate_batch(
                        optimizer=config.optimizer, val_images=info.val_images or None)
     probe = backend.make_probe(model, info.nc, setup, tightest.index)
     try:
-        result = search_batch(probe.measure, tightest.budget_bytes, cap, config.rounding)
+        result = search_batch(probe.measure, tightest.budget_bytes, request.cap, config.rounding)
     except NoBatchFits as exc:
         raise BudgetTooSmall(
             f"GPU {tightest.index} ({tightest.name}): {exc}; free memory, lower --imgsz or use a smaller model"
         ) from None
     finally:
         probe.close()
-    decision = _decide(
-        config, info, devices, result.batch, "autobatch", start, reasons=(*notes, *result.reasons), gpus=budgets,
-        predicted=result.predicted_peak, verified=result.verified, probes=result.samples,
-    )
+    decision = request.decide(result.batch, "autobatch", reasons=(*notes, *result.reasons), gpus=budgets,
+                              predicted=result.predicted_peak, verified=result.verified, probes=result.samples)
     cache.store(key, decision)
     return decision
 

@@ -101,7 +101,7 @@ def starts_from_weights(model: str, pretrained: Any = True) -> bool:
     return model.endswith(".pt") and pretrained not in (False, "False", "false")
 
 
-def _batchnorm_types() -> tuple[type, ...]:
+def _batchnorm_types() -> tuple[type[Any], ...]:
     from torch import nn
 
     return nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm

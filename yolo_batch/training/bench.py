@@ -95,7 +95,7 @@ def run_autobatch_bench(config: SizingConfig) -> BenchReport:
 def _ultralytics_choice(config: SizingConfig, max_num_obj: int, dataset_size: int, device: Any) -> tuple[int, float]:
     import torch
 
-    info = inspect_dataset(config.data)
+    info = inspect_dataset(resolve_data(config.data))
     model = ultralytics_adapter.detection_model(ultralytics_adapter.load_model(config.model), info.nc, {}).to(device)
     start = time.perf_counter()
     batch = ultralytics_adapter.ultralytics_batch_size(model, config.imgsz, config.amp, max_num_obj, dataset_size)

@@ -61,15 +61,13 @@ def fit_memory_curve(samples: Sequence[ProbeSample]) -> MemoryCurve:
     """
     ooms = [s.batch for s in samples if s.oom]
     ceiling = min(ooms) if ooms else None
-    measured = sorted(
-        {s.batch: s for s in samples if not s.oom and s.peak_bytes is not None}.values(), key=lambda s: s.batch
-    )
+    measured = sorted({s.batch: s.peak_bytes for s in samples if not s.oom and s.peak_bytes is not None}.items())
     if not measured:
         raise ValueError("no probe sample has a measured peak")
-    batches = tuple(s.batch for s in measured)
+    batches = tuple(batch for batch, _ in measured)
     peaks: list[float] = []
-    for s in measured:
-        peaks.append(max(float(s.peak_bytes), peaks[-1] if peaks else 0.0))
+    for _, peak in measured:
+        peaks.append(max(float(peak), peaks[-1] if peaks else 0.0))
     return MemoryCurve(batches=batches, peaks=tuple(peaks), slope=_tail_slope(batches, peaks), ceiling=ceiling)
 
 

@@ -13,6 +13,7 @@ import gc
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -66,8 +67,8 @@ class TrainingProbe:
     def __init__(self, model: torch.nn.Module, setup: ProbeSetup, device: torch.device) -> None:
         self.setup = setup
         self.device = device
-        self.model = model.to(device).train()
-        self.ema = copy.deepcopy(self.model).eval()  # the trainer keeps an EMA copy resident
+        self.model: torch.nn.Module = model.to(device).train()
+        self.ema: Any = copy.deepcopy(self.model).eval()  # a DetectionModel; the trainer keeps an EMA copy resident
         for p in self.ema.parameters():
             p.requires_grad_(False)
         self.optimizer = _optimizer(self.model, setup.optimizer)

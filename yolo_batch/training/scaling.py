@@ -42,7 +42,8 @@ def accumulate_for(total_batch: int, nominal_batch: int, n_train: int | None = N
     return accumulate
 
 
-def auto_optimizer(n_train: int, total_batch: int, nominal_batch: int, epochs: int, nc: int) -> tuple[str, float, float]:
+def auto_optimizer(n_train: int, total_batch: int, nominal_batch: int, epochs: int,
+                   nc: int) -> tuple[str, float, float]:
     """(name, lr0, momentum) that Ultralytics' ``optimizer=auto`` picks for this run."""
     iterations = math.ceil(n_train / max(total_batch, nominal_batch)) * epochs
     if iterations > 10000:

@@ -50,7 +50,7 @@ def detection_model(model: Any, nc: int, hyp: Mapping[str, Any]) -> Any:
         from ultralytics.nn.tasks import DetectionModel
 
         built = DetectionModel(model.model.yaml, nc=nc, verbose=False)
-        built.args = get_cfg(overrides=dict(hyp))
+        setattr(built, "args", get_cfg(overrides=dict(hyp)))  # noqa: B010  (nn.Module types its attributes)
     return built
 
 

@@ -77,7 +77,7 @@ class _Guards:
     def _apply(self) -> None:
         if OFFLINE_ENV not in os.environ:
             os.environ[OFFLINE_ENV] = "1"
-            self._restore.append(lambda: os.environ.pop(OFFLINE_ENV, None))
+            self._restore.append(_unset_offline_env)
         import importlib
 
         import ultralytics  # noqa: F401  (first import: reads YOLO_OFFLINE)
@@ -94,6 +94,10 @@ class _Guards:
         original = getattr(module, name)
         setattr(module, name, replacement)
         self._restore.append(lambda: setattr(module, name, original))
+
+
+def _unset_offline_env() -> None:
+    os.environ.pop(OFFLINE_ENV, None)
 
 
 _GUARDS = _Guards()
