@@ -65,10 +65,20 @@ def test_explicit_options_override_the_profile(shapes_yaml):
 
 
 def test_rect_auto_follows_the_images(shapes_yaml, copy_shared):
-    assert "rect" not in merged("medical").extra  # the built-in synthetic set is square
-    assert "rect" not in merged("medical", shapes_yaml).extra  # 256x256 shapes
-    assert merged("medical", copy_shared("bccd", n_train=4, n_val=2)).extra["rect"] is True  # 640x480 smears
-    assert "rect" not in merged("default", copy_shared("bccd", n_train=4, n_val=2)).extra
+    from yolo_batch.training.data import inspect_dataset
+    from yolo_batch.training.run import rect_batches
+
+    medical, default = merged("medical", shapes_yaml), merged("default", shapes_yaml)
+    assert (medical.rect, default.rect) == (None, False)  # decided when training starts, from the images
+    shapes = inspect_dataset(shapes_yaml)
+    bccd = inspect_dataset(copy_shared("bccd", n_train=4, n_val=2))
+    assert shapes.square_images and not bccd.square_images  # 256x256 shapes; 640x480 smears
+    assert rect_batches(None, {}, shapes) == ({}, None)
+    assert rect_batches(None, {}, bccd) == ({"rect": True}, "rectangular batches: the training images are not "
+                                                            "square (rect: auto)")
+    assert rect_batches(False, {}, bccd) == ({}, None)
+    assert rect_batches(None, {"rect": False}, bccd) == ({}, None)  # --set rect=... wins
+    assert rect_batches(True, {}, shapes)[0] == {"rect": True}
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))

@@ -40,8 +40,6 @@ from yolo_batch.training.config import (
     TrainConfig,
 )
 
-_RECT_SAMPLE = 64  # training images whose size decides rect: auto
-
 
 @dataclass(frozen=True)
 class InferSettings:
@@ -311,11 +309,11 @@ def train_config(
 ) -> TrainConfig:
     """The one merge of a profile with the options given explicitly (``None``: not given, the profile decides).
 
-    ``extra`` (``--set``) wins over the profile's ``train_args``. ``rect: auto`` looks at the sizes of up to
-    64 training images (the built-in synthetic set is square).
+    ``extra`` (``--set``) wins over the profile's ``train_args``; a ``--set rect=...`` wins over the profile's
+    ``rect``, whose ``auto`` is decided when training starts, from the dataset's images.
 
     Raises:
-        InputError: bad values, or (for ``rect: auto``) a data yaml that cannot be read.
+        InputError: bad values.
     """
     explicit = dict(extra or {})
 
@@ -333,11 +331,8 @@ def train_config(
         max_batch=profile.max_batch,
         profile=profile.name,
     )
-    args = {**profile.train_args}
-    if "rect" not in explicit and (profile.rect or (profile.rect is None and not _square_images(data))):
-        args["rect"] = True
-    return TrainConfig(sizing=sizing, project=project, name=name, extra={**args, **explicit},
-                       image_window=profile.image_window)
+    return TrainConfig(sizing=sizing, project=project, name=name, extra={**profile.train_args, **explicit},
+                       image_window=profile.image_window, rect=profile.rect)
 
 
 def infer_settings(profile: Profile, *, batch: str | int | None, half: bool | None,
@@ -354,26 +349,3 @@ def infer_settings(profile: Profile, *, batch: str | int | None, half: bool | No
         "half": half if half is not None else profile.infer.half,
         "max_latency_ms": latency,
     }
-
-
-def _square_images(data: Path | None) -> bool:
-    """Whether the first training images of ``data`` are all square (None: the synthetic set, which is)."""
-    if data is None:
-        return True
-    from PIL import Image
-
-    from yolo_batch import ultralytics_adapter
-    from yolo_batch.training.data import (
-        image_files,  # the same listing inspect_dataset counts
-    )
-
-    files = image_files(ultralytics_adapter.check_dataset(data)["train"], ultralytics_adapter.image_formats())
-    step = max(len(files) // _RECT_SAMPLE, 1)
-    sizes = []
-    for path in files[::step][:_RECT_SAMPLE]:
-        try:
-            with Image.open(path) as image:  # reads the header only
-                sizes.append(image.size)
-        except OSError:
-            continue  # Ultralytics reports unreadable images itself
-    return all(width == height for width, height in sizes)

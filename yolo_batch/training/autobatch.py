@@ -82,18 +82,19 @@ def estimate_batch(
     nvml: ModuleType | None = None,
     cache: DecisionCache | None = None,
     model: Any | None = None,
+    dataset: DatasetInfo | None = None,
 ) -> AutoBatchDecision:
     """Decide the training batch for ``config``: measured on the GPU, or a fallback with its reason.
 
-    ``model``: the already loaded ``config.model`` (a YOLO object, only read here), so a caller that
-    trains next need not load it twice.
+    ``model`` and ``dataset``: the already loaded ``config.model`` (a YOLO object, only read here) and the
+    already inspected ``config.data``, so a caller that trains next checks and loads each once.
 
     Raises:
         InputError: bad model, data or device.
         BudgetTooSmall: batch 1 does not fit the memory budget.
     """
     backend = backend or TorchCudaBackend()
-    info = inspect_dataset(resolve_data(config.data))
+    info = dataset if dataset is not None else inspect_dataset(resolve_data(config.data))
     model = model if model is not None else ultralytics_adapter.load_model(config.model)
     devices = parse_device(config.device, backend.device_count())
     cache = cache or DecisionCache(cache_dir() / "autobatch")

@@ -7,6 +7,7 @@ shows the chosen batch, the time spent choosing, the real peak against our budge
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import tempfile
 import time
@@ -19,7 +20,7 @@ from yolo_batch import ultralytics_adapter
 from yolo_batch.core.oom import is_oom_error
 from yolo_batch.training.autobatch import estimate_batch
 from yolo_batch.training.config import SizingConfig
-from yolo_batch.training.data import inspect_dataset, resolve_data
+from yolo_batch.training.data import DatasetInfo, inspect_dataset, resolve_data
 from yolo_batch.training.decision import gib
 
 
@@ -80,36 +81,36 @@ def run_autobatch_bench(config: SizingConfig) -> BenchReport:
     data = resolve_data(config.data)
     info = inspect_dataset(data)
     config = dataclasses.replace(config, data=data, use_cache=False)
-    ours = estimate_batch(config)
+    model = ultralytics_adapter.load_model(config.model)  # once: each use below takes a copy
+    ours = estimate_batch(config, model=model, dataset=info)
     device = torch.device("cuda", int(ours.device.split(",")[0]))
-    their_batch, their_seconds = _ultralytics_choice(config, info.worst_case_targets, info.train_images, device)
+    their_batch, their_seconds = _ultralytics_choice(config, model, info, device)
     rows = []
     for method, batch, seconds in (("yolo-batch", ours.total_batch, ours.seconds),
                                    ("ultralytics", their_batch, their_seconds)):
-        peak, oom = _train_peak(config, batch, device)
+        peak, oom = _train_peak(config, copy.deepcopy(model), batch, device)
         rows.append(BenchRow(method=method, batch=batch, seconds=seconds, train_peak_bytes=peak, oom=oom))
     return BenchReport(device=f"{torch.cuda.get_device_name(device)} (cuda:{device.index})", model=config.model,
                        imgsz=config.imgsz, budget_bytes=ours.budget_bytes, rows=tuple(rows), notes=ours.reasons)
 
 
-def _ultralytics_choice(config: SizingConfig, max_num_obj: int, dataset_size: int, device: Any) -> tuple[int, float]:
+def _ultralytics_choice(config: SizingConfig, model: Any, info: DatasetInfo, device: Any) -> tuple[int, float]:
     import torch
 
-    info = inspect_dataset(resolve_data(config.data))
-    model = ultralytics_adapter.detection_model(ultralytics_adapter.load_model(config.model), info.nc, {}).to(device)
+    network = ultralytics_adapter.detection_model(model, info.nc, {}).to(device)
     start = time.perf_counter()
-    batch = ultralytics_adapter.ultralytics_batch_size(model, config.imgsz, config.amp, max_num_obj, dataset_size)
+    batch = ultralytics_adapter.ultralytics_batch_size(network, config.imgsz, config.amp, info.worst_case_targets,
+                                                       info.train_images)
     seconds = time.perf_counter() - start
-    del model
+    del network
     torch.cuda.empty_cache()
     return int(batch), seconds
 
 
-def _train_peak(config: SizingConfig, batch: int, device: Any) -> tuple[int | None, bool]:
+def _train_peak(config: SizingConfig, model: Any, batch: int, device: Any) -> tuple[int | None, bool]:
     """One epoch of training plus validation at ``batch``; the device's peak reserved memory, and OOM."""
     import torch
 
-    model = ultralytics_adapter.load_model(config.model)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as project:

@@ -143,6 +143,7 @@ class TrainConfig:
     name: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     image_window: tuple[float, float] | None = None  # 16-bit/float intensity window; None: each image's min-max
+    rect: bool | None = False  # rectangular batches; None: where the training images are not square (rect: auto)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))

@@ -11,6 +11,7 @@ from yolo_batch import ultralytics_adapter
 from yolo_batch.errors import InputError
 
 MOSAIC_FACTOR = 4  # mosaic stitches four images, so one training image can carry four images' objects
+SIZE_SAMPLE = 64  # training images whose sizes decide whether the set is square (rect: auto)
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class DatasetInfo:
     train_images: int
     val_images: int
     max_objects: int  # in one source image
+    square_images: bool = True  # every sampled training image is square
 
     @property
     def worst_case_targets(self) -> int:
@@ -71,7 +73,23 @@ def inspect_dataset(data: str | Path) -> DatasetInfo:
         train_images=len(train),
         val_images=len(val),
         max_objects=max_objects,
+        square_images=all(width == height for width, height in _sample_sizes(train)),
     )
+
+
+def _sample_sizes(files: list[Path]) -> list[tuple[int, int]]:
+    """(width, height) of up to :data:`SIZE_SAMPLE` images spread over ``files``, read from their headers."""
+    from PIL import Image
+
+    step = max(len(files) // SIZE_SAMPLE, 1)
+    sizes = []
+    for path in files[::step][:SIZE_SAMPLE]:
+        try:
+            with Image.open(path) as image:  # reads the header only
+                sizes.append(image.size)
+        except OSError:
+            continue  # Ultralytics reports unreadable images itself
+    return sizes
 
 
 def image_files(entry: Any, formats: set[str] | frozenset[str]) -> list[Path]:

@@ -20,7 +20,7 @@ from yolo_batch.training.config import (
     SizingConfig,
     TrainConfig,
 )
-from yolo_batch.training.data import resolve_data
+from yolo_batch.training.data import DatasetInfo, inspect_dataset, resolve_data
 from yolo_batch.training.decision import AutoBatchDecision
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,20 @@ def split_train_args(sizing: SizingConfig, extra: Mapping[str, Any]) -> tuple[Si
     return dataclasses.replace(sizing, **lifted), values
 
 
+def rect_batches(rect: bool | None, extra: Mapping[str, Any], info: DatasetInfo) -> tuple[dict[str, Any], str | None]:
+    """The ``rect`` train argument a run's profile asks for, and why (None: nothing to add).
+
+    A ``rect`` given explicitly (``--set rect=...``) wins; ``None`` (a profile's ``rect: auto``) turns rectangular
+    batches on where the training images are not square, so letterboxing them to a square does not waste pixels.
+    """
+    if "rect" in extra or rect is False:
+        return {}, None
+    if rect is None and info.square_images:
+        return {}, None
+    why = "the profile asks for it" if rect else "the training images are not square (rect: auto)"
+    return {"rect": True}, f"rectangular batches: {why}"
+
+
 def ultralytics_overrides(config: TrainConfig, decision: AutoBatchDecision, data: Path) -> dict[str, Any]:
     """The one mapping from our config and decision to Ultralytics ``train`` arguments."""
     sizing = config.sizing
@@ -98,10 +112,15 @@ def train(
         InputError: bad model, data, device, batch or pass-through argument (nothing is written).
     """
     sizing, extra = split_train_args(config.sizing, config.extra)
-    config = dataclasses.replace(config, sizing=sizing, extra=extra)
     data = resolve_data(sizing.data)
+    info = inspect_dataset(data)
+    rect, rect_reason = rect_batches(config.rect, extra, info)
+    config = dataclasses.replace(config, sizing=sizing, extra={**extra, **rect})
     model = ultralytics_adapter.load_model(sizing.model)
-    decision = estimate_batch(dataclasses.replace(sizing, data=data), backend=backend, nvml=nvml, model=model)
+    decision = estimate_batch(dataclasses.replace(sizing, data=data), backend=backend, nvml=nvml, model=model,
+                              dataset=info)
+    if rect_reason is not None:
+        decision = dataclasses.replace(decision, reasons=(*decision.reasons, rect_reason))
     if on_decision is not None:
         on_decision(decision)
     seen: dict[str, Any] = {}
