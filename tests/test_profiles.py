@@ -254,7 +254,7 @@ def spy_lf(epoch: int, epochs: int, lrf: float = 0.01) -> float:
 
 
 def test_infer_takes_the_profile_batch_unless_given():
-    from yolo_batch.cli import build_infer_config
+    from yolo_batch.cli.infer import build_infer_config
     from yolo_batch.profiles import infer_settings, load_profile
 
     medical, inspection = load_profile("medical"), load_profile("inspection")

@@ -1,0 +1,139 @@
+"""``infer`` and ``bench infer``: batch inference from the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from yolo_batch.cli.common import command, parse_classes
+from yolo_batch.core.models import DEFAULT_MODEL
+
+
+def infer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by ``infer`` and ``bench infer``."""
+    options = [
+        click.option("--model", default=DEFAULT_MODEL, show_default=True,
+                     help="Ultralytics yaml name (random weights) or a local .pt file."),
+        click.option("--profile", default=None, metavar="NAME|PATH.yaml",
+                     help="default, medical (batch 1), inspection (batch auto, FP16) or a profile file. "
+                          "Options given here override it."),
+        click.option("--batch", "batch", default=None,
+                     help="Images per forward pass: N, or 'auto' (measured: smallest batch within 5% of the best "
+                          "img/s that fits --max-latency-ms and the GPU memory). Default: the profile's (16)."),
+        click.option("--imgsz", type=int, default=640, show_default=True, help="Long side after letterboxing."),
+        click.option("--device", default=None, help="'cpu' or one GPU such as '0'. Default: GPU 0 if present."),
+        click.option("--half/--no-half", default=None, help="FP16 (default: on for a GPU, off on CPU)."),
+        click.option("--conf", type=float, default=0.25, show_default=True, help="Confidence threshold."),
+        click.option("--iou", type=float, default=0.7, show_default=True, help="NMS IoU threshold."),
+        click.option("--max-det", type=int, default=300, show_default=True, help="Most detections per image."),
+        click.option("--classes", multiple=True, callback=parse_classes, metavar="IDS",
+                     help="Keep only these class ids: '0,2' or repeated."),
+        click.option("--workers", type=int, default=None,
+                     help="Decode threads. Default: cores-1 with a GPU, cores/4 (at least 1) on CPU."),
+        click.option("--threads", type=int, default=None,
+                     help="Torch threads per inference stream. Default: 1 on CPU, torch's default on GPU."),
+        click.option("--streams", type=int, default=None,
+                     help="Inference streams side by side. Default: one per core on CPU (cores / threads), 1 on GPU."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def build_infer_config(sources: tuple[str, ...], opts: dict[str, Any], **more: Any) -> Any:
+    """Map parsed options onto :class:`InferConfig` (raises InputError for bad values)."""
+    from yolo_batch.inference import BatchSetting, InferConfig
+    from yolo_batch.profiles import infer_settings, load_profile
+
+    profile = load_profile(opts["profile"] or "default")
+    settings = infer_settings(profile, batch=opts["batch"], half=opts["half"],
+                              max_latency_ms=more.pop("max_latency_ms", None))
+    return InferConfig(
+        sources=sources, model=opts["model"], batch=BatchSetting.parse(settings["batch"]), imgsz=opts["imgsz"],
+        device=opts["device"], half=settings["half"], max_latency_ms=settings["max_latency_ms"],
+        image_window=profile.image_window,
+        conf=opts["conf"], iou=opts["iou"], max_det=opts["max_det"],
+        classes=opts["classes"], workers=opts["workers"], threads=opts["threads"], streams=opts["streams"], **more,
+    )
+
+
+@click.command()
+@click.argument("sources", nargs=-1, required=True, metavar="SOURCE...")
+@infer_options
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/infer"), show_default=True,
+              help="Output folder (results.jsonl, errors.jsonl, summary.json, ...).")
+@click.option("--format", "formats", multiple=True, type=click.Choice(["jsonl", "csv", "yolo-txt"]),
+              help="Extra result formats, repeatable (results.jsonl is always written: it is the resume journal).")
+@click.option("--save-annotated", is_flag=True, help="Write copies of the images with boxes drawn.")
+@click.option("--max-latency-ms", type=float, default=None, help="Per-batch latency limit for --batch auto.")
+@click.option("--overwrite", is_flag=True, help="Start fresh instead of resuming what --out already holds.")
+@click.option("--quiet", is_flag=True, help="No progress and no table (errors still print).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@command
+def infer(sources: tuple[str, ...], out: Path, formats: tuple[str, ...], save_annotated: bool,
+          max_latency_ms: float | None, overwrite: bool, quiet: bool, as_json: bool, **opts: Any) -> None:
+    """Detect objects in SOURCE... (folders, globs, or text files listing images); resumable.
+
+    Rerunning the same command after Ctrl-C or a crash processes only what is missing. Exit code 0 when
+    every image was processed, 3 when some files failed (listed in errors.jsonl), 2 for bad usage.
+    """
+    from rich.console import Console
+
+    from yolo_batch.inference import run_inference
+    from yolo_batch.inference.progress import NullProgress, PlainProgress, RichProgress
+    from yolo_batch.ultralytics_adapter import quiet as quiet_ultralytics
+
+    config = build_infer_config(sources, opts, out=out, formats=("jsonl", *formats), save_annotated=save_annotated,
+                                max_latency_ms=max_latency_ms, overwrite=overwrite)
+    err = Console(stderr=True)
+    if quiet:
+        progress: Any = NullProgress()
+    elif sys.stderr.isatty():
+        progress = RichProgress(err)
+    else:
+        progress = PlainProgress(sys.stderr)
+    tables = None if quiet else (err if as_json else Console())
+    try:
+        with quiet_ultralytics():
+            summary = run_inference(config, progress=progress,
+                                    on_batch_choice=(lambda c: tables.print(c.table())) if tables else None)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: finished images are in {out}/results.jsonl; rerun the same command to resume",
+                   err=True)
+        raise click.exceptions.Exit(130) from None
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+    elif tables is not None:
+        tables.print(summary.table())
+    if summary.exit_code:
+        if not as_json:
+            click.echo(f"{summary.failed} file(s) failed: see {out}/errors.jsonl", err=True)
+        raise click.exceptions.Exit(summary.exit_code)
+
+
+@click.command("infer")
+@click.argument("source")
+@infer_options
+@click.option("--repeats", type=int, default=1, show_default=True,
+              help="Rounds of the three measurements, interleaved; the best of each counts.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@command
+def bench_infer(source: str, repeats: int, as_json: bool, **opts: Any) -> None:
+    """Ultralytics predict vs ours vs forward-only ceiling: img/s on the same images, model and device."""
+    from rich.console import Console
+
+    from yolo_batch.inference.bench import run_infer_bench
+    from yolo_batch.ultralytics_adapter import quiet as quiet_ultralytics
+
+    config = build_infer_config((source,), opts)
+    with quiet_ultralytics():
+        report = run_infer_bench(config, repeats=repeats)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        Console().print(report.table())
