@@ -53,6 +53,9 @@ DEPENDS_ON: tuple[Dependency, ...] = (
                                                             "(agnostic is positional)", private=True),
     Dependency("ultralytics.data.augment.LetterBox", "the reference our letterbox is tested against"),
     Dependency("ultralytics.utils.autobatch.check_train_batch_size", "bench autobatch's baseline"),
+    Dependency("ultralytics.utils.dist.generate_ddp_file", "the DDP launch file (cloudpickle), checked offline by tests",
+               private=True),
+    Dependency("ultralytics.utils.dist.ddp_cleanup", "removing that launch file after the check", private=True),
 )
 
 # Attributes of objects Ultralytics returns, read by yolo-batch (checked by tests that build the objects).

@@ -126,6 +126,22 @@ def _set_up_worker(window: Window | None) -> WorkerSetup:
     return WorkerSetup(window)
 
 
+@contextlib.contextmanager
+def ddp_launch_file(trainer: Any) -> Iterator[Path]:
+    """The launch file Ultralytics writes for its DDP workers (``generate_ddp_file``), written offline for the block
+    and removed after as Ultralytics removes it (``ddp_cleanup``). Multi-GPU runs write it inside ``model.train``;
+    this is the same call, for checking that a worker can load it without installing anything.
+    """
+    with offline():
+        from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
+
+        path = generate_ddp_file(trainer)
+        try:
+            yield Path(path)
+        finally:
+            ddp_cleanup(trainer, path)
+
+
 def ultralytics_batch_size(model: Any, imgsz: int, amp: bool, max_num_obj: int, dataset_size: int) -> int:
     """Ultralytics' own AutoBatch (``check_train_batch_size``) for ``model`` on its device: the benchmark's peer."""
     import torch
