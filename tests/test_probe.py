@@ -62,6 +62,23 @@ def test_oom_is_reported_in_the_sample_and_the_probe_recovers(model, monkeypatch
     assert calls == [4, 2]
 
 
+@pytest.mark.parametrize("message", [
+    "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR",
+    "GET was unable to find an engine to execute this computation",
+    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+])
+def test_cudnn_and_cublas_memory_pressure_is_an_oom_sample_not_a_traceback(model, monkeypatch, message):
+    probe = TrainingProbe(model, setup(), torch.device("cpu"))
+
+    def pressure(batch, steps=2):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(probe, "train_steps", pressure)
+    sample = probe.measure(8)
+    assert sample.oom and sample.batch == 8 and sample.peak_bytes is None
+    probe.close()
+
+
 def test_other_errors_propagate(model, monkeypatch):
     probe = TrainingProbe(model, setup(), torch.device("cpu"))
     monkeypatch.setattr(probe, "train_steps", lambda b, steps=2: (_ for _ in ()).throw(RuntimeError("shape bug")))
