@@ -22,6 +22,7 @@ from yolo_batch.training.config import (
 )
 from yolo_batch.training.data import DatasetInfo, inspect_dataset, resolve_data
 from yolo_batch.training.decision import AutoBatchDecision
+from yolo_batch.training.settings import MEMORY_ARGS
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def split_train_args(sizing: SizingConfig, extra: Mapping[str, Any]) -> tuple[Si
         if key in RESERVED_TRAIN_ARGS:
             raise InputError(f"'{key}' is set by yolo-batch: use {RESERVED_TRAIN_ARGS[key]} instead of --set {key}=...")
     values = ultralytics_adapter.validate_train_args(extra)
-    lifted: dict[str, Any] = {k: _LIFTED[k](values.pop(k)) for k in list(values) if k in _LIFTED}
+    lifted: dict[str, Any] = {"trainer_args": {k: values[k] for k in MEMORY_ARGS if k in values}}  # also passed on
+    lifted.update({k: _LIFTED[k](values.pop(k)) for k in list(values) if k in _LIFTED})
     if "amp" in values:
         # Ultralytics also takes amp="fp32" / "bf16"; a string stays in the pass-through for it to read.
         amp = values["amp"] if isinstance(values["amp"], bool) else str(values["amp"]).lower() != "fp32"
@@ -85,7 +87,7 @@ def ultralytics_overrides(config: TrainConfig, decision: AutoBatchDecision, data
         "device": decision.device,
         "batch": decision.total_batch,
         "nbs": sizing.nominal_batch,
-        "amp": sizing.amp,
+        "amp": decision.amp,  # off where the probe's AMP check failed: the trainer runs the same check
         "optimizer": sizing.optimizer,
         "lr0": sizing.lr0,
         "momentum": sizing.momentum,
