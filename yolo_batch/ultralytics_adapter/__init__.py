@@ -51,6 +51,7 @@ from yolo_batch.ultralytics_adapter.settings import (
     model_stride,
 )
 from yolo_batch.ultralytics_adapter.training import (
+    BEFORE_DDP_WRAP,
     DeepImageReader,
     TrainerCallback,
     WorkerSetup,
@@ -61,6 +62,7 @@ from yolo_batch.ultralytics_adapter.training import (
 )
 
 __all__ = [
+    "BEFORE_DDP_WRAP",
     "DEPENDS_ON",
     "SUPPORTED",
     "DeepImageReader",

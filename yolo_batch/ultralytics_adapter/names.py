@@ -46,6 +46,10 @@ DEPENDS_ON: tuple[Dependency, ...] = (
                                                        "before the probe whether fp16 stays on", private=True),
     Dependency("ultralytics.data.base.imread", "replaced during training: 16-bit images are scaled, not truncated",
                private=True),
+    Dependency("ultralytics.models.yolo.detect.DetectionTrainer", "subclassed to run SyncBatchNorm conversion in "
+                                                                 "setup_model, before DDP wraps the model"),
+    Dependency("ultralytics.models.yolo.detect.DetectionTrainer.setup_model", "the first step of _setup_train: "
+                                                                             "where the model exists, unwrapped"),
     Dependency("ultralytics.nn.tasks.DetectionModel", "the model the AutoBatch probe trains", private=True),
     Dependency("ultralytics.nn.modules.head.Detect", "caches the anchors of the last input shape on the module, "
                                                      "so inference threads each run their own copy", private=True),

@@ -25,6 +25,9 @@ from yolo_batch.ultralytics_adapter.session import (
 
 Window = tuple[float, float]
 TrainerCallback = tuple[str, Callable[[Any], None]]  # (Ultralytics event name, callback(trainer))
+# An event of our own, run in every training process before the model is moved, compiled and wrapped in DDP
+# (:mod:`.hooked_trainer`); registering a callback for it makes :func:`train` use that trainer.
+BEFORE_DDP_WRAP = "yolo_batch_before_ddp_wrap"
 
 _DEEP_SUFFIXES = (".png", ".tif", ".tiff")  # the formats that carry more than 8 bits per sample in practice
 
@@ -42,7 +45,12 @@ def train(model: Any, overrides: Mapping[str, Any], *, callbacks: Sequence[Train
     for event, callback in callbacks:
         model.add_callback(event, callback)
     with offline(), deep_image_reader(image_window):
-        model.train(**dict(overrides))
+        extra: dict[str, Any] = {}
+        if any(event == BEFORE_DDP_WRAP for event, _ in callbacks):
+            from yolo_batch.ultralytics_adapter.hooked_trainer import HookedDetectionTrainer
+
+            extra["trainer"] = HookedDetectionTrainer
+        model.train(**dict(overrides), **extra)
     return model.trainer
 
 
