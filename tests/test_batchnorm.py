@@ -184,18 +184,16 @@ def test_ultralytics_calls_model_train_before_the_batch_callbacks():
 
 def test_our_trainer_runs_the_before_wrap_callbacks_once_its_model_is_set_up(shapes_yaml, tmp_path):
     ua.import_ultralytics()
-    with ua.offline():
-        from ultralytics.models.yolo.detect import DetectionTrainer
-
-        from yolo_batch.ultralytics_adapter.hooked_trainer import HookedDetectionTrainer
+    from ultralytics.models.yolo.detect import DetectionTrainer
 
     seen = []
+    trainer_class = ua.before_wrap_trainer(DetectionTrainer)
     with ua.quiet():
-        trainer = HookedDetectionTrainer(overrides={"model": "yolo11n.yaml", "data": str(shapes_yaml), "imgsz": 64,
-                                                    "device": "cpu", "project": str(tmp_path), "plots": False})
+        trainer = trainer_class(overrides={"model": "yolo11n.yaml", "data": str(shapes_yaml), "imgsz": 64,
+                                           "device": "cpu", "project": str(tmp_path), "plots": False})
     trainer.model = detection_model()
     trainer.add_callback(ua.BEFORE_DDP_WRAP, lambda t: seen.append(type(t.model).__name__))
-    assert isinstance(trainer, DetectionTrainer)
+    assert isinstance(trainer, DetectionTrainer) and ua.before_wrap_trainer(DetectionTrainer) is trainer_class
     assert trainer.setup_model() is None and seen == ["DetectionModel"]
 
 

@@ -74,11 +74,10 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_sync_batchnorm_is_in_place_on_every_rank_before_ddp_wraps(shapes_yaml, tmp_path):
     ua.import_ultralytics()
-    with ua.offline():
-        from yolo_batch.ultralytics_adapter.hooked_trainer import HookedDetectionTrainer
+    from ultralytics.models.yolo.detect import DetectionTrainer
 
     with ua.quiet():
-        trainer = HookedDetectionTrainer(overrides={
+        trainer = ua.before_wrap_trainer(DetectionTrainer)(overrides={
             "model": "yolo11n.yaml", "data": str(shapes_yaml), "imgsz": 64, "epochs": 1, "batch": 8, "device": "cpu",
             "project": str(tmp_path), "name": "sync", "plots": False, "val": False})
         trainer.model = trainer.get_model(cfg="yolo11n.yaml", verbose=False)

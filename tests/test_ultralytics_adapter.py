@@ -317,5 +317,5 @@ def test_a_before_wrap_callback_runs_through_model_train(shapes_yaml, tmp_path):
         "data": str(shapes_yaml), "epochs": 1, "imgsz": 32, "batch": 16, "device": "cpu", "project": str(tmp_path),
         "name": "hooked", "plots": False, "val": False, "fraction": 0.25, "workers": 0,
     }, callbacks=[(ua.BEFORE_DDP_WRAP, lambda t: seen.append((type(t).__name__, type(t.model).__name__)))])
-    assert seen == [("HookedDetectionTrainer", "DetectionModel")]
+    assert seen == [("BeforeWrapDetectionTrainer", "DetectionModel")]
     assert (trainer.save_dir / "weights" / "last.pt").is_file()

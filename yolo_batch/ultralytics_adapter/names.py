@@ -46,10 +46,9 @@ DEPENDS_ON: tuple[Dependency, ...] = (
                                                        "before the probe whether fp16 stays on", private=True),
     Dependency("ultralytics.data.base.imread", "replaced during training: 16-bit images are scaled, not truncated",
                private=True),
-    Dependency("ultralytics.models.yolo.detect.DetectionTrainer", "subclassed to run SyncBatchNorm conversion in "
-                                                                 "setup_model, before DDP wraps the model"),
-    Dependency("ultralytics.models.yolo.detect.DetectionTrainer.setup_model", "the first step of _setup_train: "
-                                                                             "where the model exists, unwrapped"),
+    Dependency("ultralytics.models.yolo.detect.DetectionTrainer.setup_model", "extended to convert to SyncBatchNorm "
+                                                                             "before DDP wraps the model: the first "
+                                                                             "step of _setup_train"),
     Dependency("ultralytics.nn.tasks.DetectionModel", "the model the AutoBatch probe trains", private=True),
     Dependency("ultralytics.nn.modules.head.Detect", "caches the anchors of the last input shape on the module, "
                                                      "so inference threads each run their own copy", private=True),
@@ -75,6 +74,7 @@ OBJECT_ATTRIBUTES: tuple[Dependency, ...] = (
     Dependency("YOLO.ckpt", "whether the model came from a .pt (its weights go into the probe's model)",
                private=True),
     Dependency("YOLO.model.stride", "the grid multi_scale sizes are rounded to"),
+    Dependency("YOLO.task_map", "the task's trainer class, extended for the before-DDP-wrap hook"),
     Dependency("DetectionModel.loss", "the probe's real detection loss"),
     Dependency("DetectionModel.fuse", "Conv+BN fusion for inference, as the predictor does"),
     Dependency("DetectionModel.stride / names / end2end", "letterbox stride, class names, NMS-free heads"),
