@@ -199,29 +199,32 @@ def _match(index: int, cuda: CudaDevice | None, inventory: Sequence[_Device],
     Raises:
         NvmlUnavailable: the device cannot be identified for certain (the reason says why).
     """
-    whole = [d for d in inventory if not d.mig]
     if cuda is not None and cuda.uuid:
         wanted = bare_uuid(cuda.uuid)
         hits = [d for d in inventory if bare_uuid(d.uuid) == wanted]
         if not hits:
-            raise NvmlUnavailable(f"CUDA device {index} (UUID {cuda.uuid}) is not among the {len(whole)} GPU(s) "
-                                  "NVML sees")
+            whole = sum(not d.mig for d in inventory)
+            raise NvmlUnavailable(f"CUDA device {index} (UUID {cuda.uuid}) is not among the {whole} GPU(s) NVML sees")
         return hits[0], "uuid"
     visible = _visible_entries(environ)
+    if visible is not None and index >= len(visible):
+        raise NvmlUnavailable(f"device {index} is not among CUDA_VISIBLE_DEVICES={','.join(visible)}")
     if visible is not None and visible[0].upper().startswith(("GPU-", "MIG-")):
-        if index >= len(visible):
-            raise NvmlUnavailable(f"device {index} is not among CUDA_VISIBLE_DEVICES={','.join(visible)}")
         entry = bare_uuid(visible[index])  # CUDA accepts unique UUID prefixes
         hits = [d for d in inventory if bare_uuid(d.uuid).startswith(entry)]
         if len(hits) != 1:
             seen = "matches no GPU" if not hits else "is ambiguous"
             raise NvmlUnavailable(f"CUDA_VISIBLE_DEVICES entry {visible[index]} {seen} among those NVML sees")
         return hits[0], "CUDA_VISIBLE_DEVICES UUID"
+    return _match_index(index, visible, [d for d in inventory if not d.mig], environ)
+
+
+def _match_index(index: int, visible: list[str] | None, whole: Sequence[_Device],
+                 environ: Mapping[str, str]) -> tuple[_Device, str]:
+    """By index: only where CUDA's numbering is NVML's (PCI bus order, or GPUs all alike) and no GPU is split."""
     if visible is not None:
         if not all(v.isdigit() for v in visible):
             raise NvmlUnavailable(f"CUDA_VISIBLE_DEVICES={','.join(visible)} is neither indices nor UUIDs")
-        if index >= len(visible):
-            raise NvmlUnavailable(f"device {index} is not among CUDA_VISIBLE_DEVICES={','.join(visible)}")
         physical = int(visible[index])
         if physical >= len(whole):
             raise NvmlUnavailable(

@@ -69,9 +69,9 @@ def resolve_trainer_settings(args: Mapping[str, Any], defaults: Mapping[str, Any
     value = {k: args.get(k, defaults.get(k)) for k in MEMORY_ARGS}
     reasons = []
     precision = "bf16" if str(value["amp"]).lower() == "bf16" else ("fp16" if amp else "fp32")
+    windows = (system or platform.system()) == "Windows"
     channels_last = device_type == "cuda" and (
-        value["channels_last"] is True or (value["channels_last"] is None and (system or platform.system()) != "Windows")
-    )
+        value["channels_last"] is True or (value["channels_last"] is None and not windows))
     multi_scale = float(value["multi_scale"] or 0.0)
     probe_imgsz = imgsz
     if multi_scale > 0:

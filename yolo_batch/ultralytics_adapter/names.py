@@ -56,12 +56,13 @@ DEPENDS_ON: tuple[Dependency, ...] = (
                                                             "(agnostic is positional)", private=True),
     Dependency("ultralytics.data.augment.LetterBox", "the reference our letterbox is tested against"),
     Dependency("ultralytics.utils.autobatch.check_train_batch_size", "bench autobatch's baseline"),
-    Dependency("ultralytics.utils.torch_utils.init_seeds", "the trainer's determinism switch (CUBLAS_WORKSPACE_CONFIG), "
-                                                           "applied around the AutoBatch probe", private=True),
+    Dependency("ultralytics.utils.torch_utils.init_seeds",
+               "the trainer's determinism switch (CUBLAS_WORKSPACE_CONFIG), applied around the AutoBatch probe",
+               private=True),
     Dependency("ultralytics.utils.callbacks.default_callbacks", "restored after the AMP check resets them, as the "
                                                                 "trainer does", private=True),
-    Dependency("ultralytics.utils.dist.generate_ddp_file", "the DDP launch file (cloudpickle), checked offline by tests",
-               private=True),
+    Dependency("ultralytics.utils.dist.generate_ddp_file",
+               "the DDP launch file (cloudpickle), checked offline by tests", private=True),
     Dependency("ultralytics.utils.dist.ddp_cleanup", "removing that launch file after the check", private=True),
 )
 

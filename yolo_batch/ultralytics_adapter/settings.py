@@ -37,8 +37,9 @@ def determinism(deterministic: bool, seed: int = 0) -> Iterator[None]:
     import torch
 
     saved_env = {k: os.environ.get(k) for k in _DETERMINISM_ENV}
+    deterministic_utils: Any = torch.utils.deterministic  # its one setting is a module attribute typeshed lacks
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.deterministic, torch.utils.deterministic.fill_uninitialized_memory)
+             torch.backends.cudnn.deterministic, deterministic_utils.fill_uninitialized_memory)
     rng = torch.random.get_rng_state()
     try:
         with offline():
@@ -49,7 +50,7 @@ def determinism(deterministic: bool, seed: int = 0) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.deterministic = saved[2]
-        torch.utils.deterministic.fill_uninitialized_memory = saved[3]
+        deterministic_utils.fill_uninitialized_memory = saved[3]
         torch.random.set_rng_state(rng)
         for key, value in saved_env.items():
             if value is None:
