@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -107,8 +107,11 @@ def train(
     on_decision: Callable[[AutoBatchDecision], None] | None = None,
     backend: GpuBackend | None = None,
     nvml: ModuleType | None = None,
+    callbacks: Sequence[ultralytics_adapter.TrainerCallback] = (),
 ) -> TrainResult:
     """Decide the batch, then train; ``autobatch.json`` is written into the run folder before epoch 1.
+
+    ``callbacks``: more Ultralytics callbacks, registered after ours (a benchmark's co-tenant, a user's own).
 
     Raises:
         InputError: bad model, data, device, batch or pass-through argument (nothing is written).
@@ -131,11 +134,11 @@ def train(
         seen["accumulate"] = trainer.accumulate
         decision.save(Path(trainer.save_dir) / DECISION_FILE)
 
-    callbacks: list[ultralytics_adapter.TrainerCallback] = [("on_pretrain_routine_end", write_decision)]
+    ours: list[ultralytics_adapter.TrainerCallback] = [("on_pretrain_routine_end", write_decision)]
     if decision.bn_policy is not None:
-        callbacks += [(c.event, c) for c in batchnorm.callbacks_for(BnPolicy(decision.bn_policy))]
-    trainer = ultralytics_adapter.train(model, ultralytics_overrides(config, decision, data), callbacks=callbacks,
-                                        image_window=config.image_window)
+        ours += [(c.event, c) for c in batchnorm.callbacks_for(BnPolicy(decision.bn_policy))]
+    trainer = ultralytics_adapter.train(model, ultralytics_overrides(config, decision, data),
+                                        callbacks=[*ours, *callbacks], image_window=config.image_window)
     save_dir = Path(trainer.save_dir)
     decision_path = save_dir / DECISION_FILE
     if not decision_path.exists():  # DDP runs its callbacks in the worker processes
