@@ -71,3 +71,24 @@ def test_every_departure_from_plain_training_is_explained():
 def test_freeze_rejects_what_ultralytics_would_not_read():
     with pytest.raises(ValueError, match="freeze must be an int or a list"):
         freeze_fragments("3")
+
+
+def test_the_determinism_switch_is_ultralytics_and_leaves_nothing_behind(monkeypatch):
+    import os
+    import random
+
+    import numpy as np
+    import torch
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    with ua.determinism(True, seed=7):
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # what the trainer sets when it is built
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and "PYTHONHASHSEED" not in os.environ
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    after = (random.random(), np.random.rand(), torch.rand(1))
+    assert after[:2] == expected[:2] and torch.equal(after[2], expected[2])  # the caller's random streams go on

@@ -34,13 +34,17 @@ def determinism(deterministic: bool, seed: int = 0) -> Iterator[None]:
     at its first use, so it must be set before any step runs). Everything it changed is restored after, also on
     error.
     """
+    import random
+
+    import numpy
     import torch
 
     saved_env = {k: os.environ.get(k) for k in _DETERMINISM_ENV}
     deterministic_utils: Any = torch.utils.deterministic  # its one setting is a module attribute typeshed lacks
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.deterministic, deterministic_utils.fill_uninitialized_memory)
-    rng = torch.random.get_rng_state()
+    rng = (random.getstate(), numpy.random.get_state(), torch.random.get_rng_state(),
+           torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)  # init_seeds reseeds them all
     try:
         with offline():
             from ultralytics.utils.torch_utils import init_seeds
@@ -51,7 +55,11 @@ def determinism(deterministic: bool, seed: int = 0) -> Iterator[None]:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.deterministic = saved[2]
         deterministic_utils.fill_uninitialized_memory = saved[3]
-        torch.random.set_rng_state(rng)
+        random.setstate(rng[0])
+        numpy.random.set_state(rng[1])
+        torch.random.set_rng_state(rng[2])
+        if rng[3] is not None:
+            torch.cuda.set_rng_state_all(rng[3])
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
