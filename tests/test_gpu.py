@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 from inference_fixtures import bccd_images, detector, image_folder  # noqa: F401 (fixtures)
 
 from yolo_batch import SizingConfig, TrainConfig, estimate_batch, train
+from yolo_batch.core.cuda import DevicePeak
 from yolo_batch.core.nvml import read_gpus
 from yolo_batch.training.config import BatchRequest
 
@@ -55,29 +55,6 @@ def test_real_probe_stays_inside_the_budget_at_device_level(bccd):
     assert decision.budget_bytes <= gpu.total_bytes and decision.gpus[0].matched_by == "uuid"
 
 
-class DevicePeak:
-    """This process's device-level use (total minus CUDA's free), sampled every 20 ms on a thread: what NVML would
-    show for it on a GPU nobody else uses."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            free, total = torch.cuda.mem_get_info(0)
-            self.peak = max(self.peak, total - free)
-
-    def __enter__(self) -> DevicePeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def test_the_probe_predicts_the_trainers_device_peak_within_10_percent(bccd, tmp_path):
     torch.zeros(1, device="cuda:0")  # this process's context, before anything else
     torch.cuda.empty_cache()
@@ -86,7 +63,7 @@ def test_the_probe_predicts_the_trainers_device_peak_within_10_percent(bccd, tmp
     decision = estimate_batch(sizing(bccd))
     predicted = decision.verified_peak_bytes  # device level: allocator peak plus what sits outside it
     torch.cuda.empty_cache()
-    with DevicePeak() as device:  # one epoch of training, its validation and the final evaluation
+    with DevicePeak(0) as device:  # one epoch of training, its validation and the final evaluation
         train(TrainConfig(sizing=sizing(bccd, batch=BatchRequest(fixed=decision.batch)), project=str(tmp_path),
                           name="peak", extra={"plots": False}))
     real = device.peak - baseline

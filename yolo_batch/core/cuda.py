@@ -38,3 +38,32 @@ def mem_get_info(index: int) -> tuple[int, int]:
 
     free, total = torch.cuda.mem_get_info(index)
     return int(free), int(total)
+
+
+class DevicePeak:
+    """The peak device-level use of GPU ``index`` (total minus CUDA's free: every process's, this one's context and
+    what sits outside torch's allocator included), sampled on a thread every ``every_s`` while the block runs."""
+
+    def __init__(self, index: int, every_s: float = 0.02) -> None:
+        import threading
+
+        self.index = index
+        self.every_s = every_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="device-peak", daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            free, total = mem_get_info(self.index)
+            self.peak = max(self.peak, total - free)
+            if self._stop.wait(self.every_s):
+                return
+
+    def __enter__(self) -> DevicePeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
