@@ -133,11 +133,12 @@ def junit_counts(path: Path | None) -> dict[str, Any] | None:
     failed, skipped = [], []
     for case in cases:
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
-        problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+        problem = next((e for e in (case.find("failure"), case.find("error")) if e is not None), None)
+        skip = case.find("skipped")
         if problem is not None:
-            failed.append({"test": name, "message": (problem.get("message") or "").splitlines()[0][:300]})
-        elif case.find("skipped") is not None:
-            skipped.append({"test": name, "reason": case.find("skipped").get("message", "")})  # type: ignore[union-attr]
+            failed.append({"test": name, "message": ((problem.get("message") or "").splitlines() or [""])[0][:300]})
+        elif skip is not None:
+            skipped.append({"test": name, "reason": skip.get("message", "")})
     return {"tests": len(cases), "passed": len(cases) - len(failed) - len(skipped), "failed": failed,
             "skipped": skipped}
 

@@ -130,7 +130,8 @@ class CoTenant:
             return self._expect(answer)
 
     def _expect(self, answer: str) -> int | None:
-        assert self._process is not None and self._process.stdout is not None
+        if self._process is None or self._process.stdout is None:
+            raise CoTenantError("the co-tenant is not running")
         line = _read_line(self._process.stdout, self.timeout_s)
         if line is None or not line.startswith(answer):
             raise CoTenantError(f"co-tenant answered {line!r}, expected {answer!r}")
