@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test gpu-check install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: install-dev
 	$(BIN)/ruff check yolo_batch datasets tests
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+# On a GPU box, at most 8 minutes: pytest -m gpu, then bench autobatch (also --shared-gpu), bench infer and
+# bench serve, into runs/gpu-check/report.json and report.md. Without a GPU: one line, exit 0.
+gpu-check: install-dev
+	$(BIN)/python -m yolo_batch.gpu_check --out runs/gpu-check
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

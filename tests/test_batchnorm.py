@@ -22,6 +22,7 @@ from yolo_batch.cli import main
 from yolo_batch.training.batchnorm import (
     ConvertToSyncBatchNorm,
     FreezeBatchNorm,
+    PlainBatchNormInEma,
     callbacks_for,
     choose_bn_policy,
     convert_to_sync,
@@ -92,12 +93,13 @@ def test_sizing_infers_weights_from_the_model_and_pass_through():
 
 def test_callbacks_for_each_policy():
     assert [type(c) for c in callbacks_for(F)] == [FreezeBatchNorm]
-    assert [type(c) for c in callbacks_for(S)] == [ConvertToSyncBatchNorm]
+    assert [type(c) for c in callbacks_for(S)] == [ConvertToSyncBatchNorm, PlainBatchNormInEma]
     assert callbacks_for(T) == []
     with pytest.raises(ValueError, match="resolve 'auto'"):
         callbacks_for(BnPolicy.AUTO)
     assert [c.event for c in callbacks_for(F)] == ["on_train_batch_start"]  # after Ultralytics' model.train()
-    assert [c.event for c in callbacks_for(S)] == ["on_pretrain_routine_end"]
+    # converted before DDP wraps the model (our trainer's event), the EMA copy made plain again after
+    assert [c.event for c in callbacks_for(S)] == [ua.BEFORE_DDP_WRAP, "on_pretrain_routine_end"]
 
 
 def detection_model():
@@ -172,9 +174,41 @@ def test_ultralytics_calls_model_train_before_the_batch_callbacks():
     assert order == sorted(order)
     assert loop.count("self._model_train()") == 1
     assert "self.model.train()" in inspect.getsource(BaseTrainer._model_train)
-    setup = inspect.getsource(BaseTrainer._setup_train)  # sync: converted after DDP wraps, EMA copied before
-    assert setup.index("DistributedDataParallel(") < setup.index('run_callbacks("on_pretrain_routine_end")')
-    assert setup.index("ModelEMA(") < setup.index('run_callbacks("on_pretrain_routine_end")')
+    setup = inspect.getsource(BaseTrainer._setup_train)
+    # sync: converted in setup_model (the model exists, unwrapped), before it is moved, compiled and wrapped
+    order = [setup.index("self.setup_model()"), setup.index("self.model.to(self.device)"),
+             setup.index("attempt_compile("), setup.index("DistributedDataParallel("), setup.index("ModelEMA("),
+             setup.index('run_callbacks("on_pretrain_routine_end")')]
+    assert order == sorted(order)
+
+
+def test_our_trainer_runs_the_before_wrap_callbacks_once_its_model_is_set_up(shapes_yaml, tmp_path):
+    ua.import_ultralytics()
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    seen = []
+    trainer_class = ua.before_wrap_trainer(DetectionTrainer)
+    with ua.quiet():
+        trainer = trainer_class(overrides={"model": "yolo11n.yaml", "data": str(shapes_yaml), "imgsz": 64,
+                                           "device": "cpu", "project": str(tmp_path), "plots": False})
+    trainer.model = detection_model()
+    trainer.add_callback(ua.BEFORE_DDP_WRAP, lambda t: seen.append(type(t.model).__name__))
+    assert isinstance(trainer, DetectionTrainer) and ua.before_wrap_trainer(DetectionTrainer) is trainer_class
+    assert trainer.setup_model() is None and seen == ["DetectionModel"]
+
+
+def test_the_ema_copy_goes_back_to_plain_batchnorm_with_its_own_tensors():
+    from ultralytics.utils.torch_utils import ModelEMA
+
+    model = detection_model()
+    count = convert_to_sync(model)
+    ema = ModelEMA(model)
+    tensors = [t.data_ptr() for t in ema.ema.state_dict().values()]
+    PlainBatchNormInEma()(SimpleNamespace(ema=ema))
+    assert sum(type(m) is nn.BatchNorm2d for m in ema.ema.modules()) == count
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in ema.ema.modules())
+    assert [t.data_ptr() for t in ema.ema.state_dict().values()] == tensors
+    ema.update(model)  # same keys on both sides: the EMA keeps averaging the converted model
 
 
 def test_ultralytics_ships_callbacks_to_ddp_workers():

@@ -341,6 +341,31 @@ def test_measure_throughput_stops_on_plateau_and_oom():
     assert [(s.batch, s.oom) for s in got] == [(1, False), (2, False), (4, True)]
 
 
+def test_throughput_releases_memory_after_leaving_the_oom_handler():
+    import gc
+    import weakref
+
+    import torch
+
+    held: list[weakref.ref] = []
+    alive_at_release: list[bool] = []
+
+    def run_batch(batch):
+        activations = torch.zeros(batch, 64)
+        if batch >= 4:
+            held.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return None
+
+    def release():
+        gc.collect()
+        alive_at_release.append(held[-1]() is not None)
+
+    got = measure_throughput(run_batch, candidate_sizes(8), on_oom=release)
+    assert [(s.batch, s.oom) for s in got] == [(1, False), (2, False), (4, True)]
+    assert alive_at_release == [False]  # the cache is emptied once the failed batch's tensors can go
+
+
 # --- OOM split ----------------------------------------------------------------------------------------------------
 
 
@@ -362,6 +387,34 @@ def test_oom_split_retries_smaller_and_keeps_the_size():
                                                    (2, False)]
     assert size() == 2 and [(e.batch, e.new_batch) for e in size.events] == [(8, 4), (4, 2)]
     assert len(released) == 2
+
+
+def test_failed_attempts_are_freed_before_the_smaller_batches_run():
+    """The split retries outside the ``except`` block: a traceback still held would keep the failed forward pass's
+    tensors (its activations) alive while the halves run, which on a GPU cascades down to batch 1."""
+    import gc
+    import weakref
+
+    import torch
+
+    failed: list[weakref.ref] = []
+    alive_at_start: list[int] = []  # for each attempt: failed attempts' activations still alive when it starts
+
+    def run(chunk):
+        gc.collect()  # only references, not uncollected cycles, may keep them alive
+        alive_at_start.append(sum(ref() is not None for ref in failed))
+        activations = torch.zeros(len(chunk), 64)  # what a forward pass holds when the allocation fails
+        if len(chunk) > 1:
+            failed.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(chunk)} GiB")
+        return [x for x in chunk]
+
+    size = BatchSize(8)
+    attempts: list[Attempt] = []
+    assert run_with_split(list(range(8)), run, size, attempts=attempts) == list(range(8))
+    assert [(a.size, a.oom) for a in attempts] == [(8, True), (4, True), (2, True)] + [(1, False)] * 8
+    assert len(failed) == 3
+    assert alive_at_start == [0] * 11  # each retry starts with every failed attempt's tensors freed
 
 
 def test_oom_alone_is_reported_per_image_and_other_errors_propagate():

@@ -306,3 +306,16 @@ def test_training_calls_do_not_pull_in_ray_tune_and_leave_the_settings_file_alon
         callbacks.add_integration_callbacks(trainer)
     assert not any("raytune" in getattr(f, "__module__", "") for fs in trainer.callbacks.values() for f in fs)
     assert dict(utils.SETTINGS) == before and Path(SETTINGS.file).read_text() == settings_file
+
+
+@pytest.mark.slow
+def test_a_before_wrap_callback_runs_through_model_train(shapes_yaml, tmp_path):
+    """``train`` switches to our trainer when a ``BEFORE_DDP_WRAP`` callback is registered; Ultralytics builds it
+    through ``model.train(trainer=...)`` and it runs the callback once, with the model not yet moved or wrapped."""
+    seen = []
+    trainer = ua.train(ua.load_model("yolo11n.yaml"), {
+        "data": str(shapes_yaml), "epochs": 1, "imgsz": 32, "batch": 16, "device": "cpu", "project": str(tmp_path),
+        "name": "hooked", "plots": False, "val": False, "fraction": 0.25, "workers": 0,
+    }, callbacks=[(ua.BEFORE_DDP_WRAP, lambda t: seen.append((type(t).__name__, type(t.model).__name__)))])
+    assert seen == [("BeforeWrapDetectionTrainer", "DetectionModel")]
+    assert (trainer.save_dir / "weights" / "last.pt").is_file()

@@ -110,14 +110,29 @@ def autobatch(as_json: bool, **opts: Any) -> None:
 
 @click.command("autobatch")
 @sizing_options
+@click.option("--shared-gpu", is_flag=True,
+              help="Stress mode: a co-tenant process takes most of the free memory mid-run; reports runs finished / "
+                   "runs started for yolo-batch and Ultralytics' AutoBatch at the same memory fraction (--batch).")
+@click.option("--runs", type=int, default=3, show_default=True, help="--shared-gpu: runs per method, interleaved.")
+@click.option("--cotenant-share", type=float, default=0.9, show_default=True,
+              help="--shared-gpu: share of the free memory the co-tenant takes.")
+@click.option("--cotenant-epoch", type=int, default=2, show_default=True,
+              help="--shared-gpu: the epoch at whose start it takes it (each run trains one epoch more).")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @command
-def bench_autobatch(as_json: bool, **opts: Any) -> None:
+def bench_autobatch(shared_gpu: bool, runs: int, cotenant_share: float, cotenant_epoch: int, as_json: bool,
+                    **opts: Any) -> None:
     """Ours vs Ultralytics' check_train_batch_size on the same GPU: batch, time, real peak, OOM."""
-    from yolo_batch.training.bench import run_autobatch_bench
-
     config = build_train_config(opts)
-    report = run_autobatch_bench(config.sizing)
+    report: Any
+    if shared_gpu:
+        from yolo_batch.training.stress import run_stress_bench
+
+        report = run_stress_bench(config.sizing, runs=runs, share=cotenant_share, at_epoch=cotenant_epoch)
+    else:
+        from yolo_batch.training.bench import run_autobatch_bench
+
+        report = run_autobatch_bench(config.sizing)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif report.skipped:

@@ -13,6 +13,10 @@ _OOM_MESSAGES = (
     "cudnn_status_alloc_failed",
     "cublas_status_alloc_failed",
     "cudnn error: cudnn_status_not_supported",  # cuDNN reports this when its workspace cannot be allocated
+    # cuDNN also fails these two ways when no memory is left for its workspace or its engines' plans; Ultralytics'
+    # own first-epoch retry counts them as memory errors too
+    "cudnn_status_internal_error",
+    "unable to find an engine",
     "failed to allocate memory",
 )
 

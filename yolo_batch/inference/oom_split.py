@@ -1,7 +1,9 @@
 """Out of device memory during a batch: split it in halves and retry, so no image is lost.
 
 The split is a pure recursion over a ``run`` callable; :func:`yolo_batch.core.oom.is_oom_error` decides what
-counts as out-of-memory and every other error is re-raised. :class:`BatchSize` is the shared, shrinking
+counts as out-of-memory and every other error is re-raised. A retry never runs inside the ``except`` block: the
+handler returns a plain value, so the failed attempt's traceback (and the activations its frames hold) is gone
+before the cache is released and the smaller batches run. :class:`BatchSize` is the shared, shrinking
 batch size the batching stage reads, so the size that worked is kept for the rest of the run.
 """
 
@@ -95,21 +97,37 @@ def run_with_split(items: Sequence[T], run: Callable[[Sequence[T]], Sequence[R]]
             out.extend(run_with_split(items[start:start + step], run, size, on_oom, attempts))
             start += step
         return out
-    try:
-        results: list[R | OutOfMemoryAlone] = list(run(items))
-    except (RuntimeError, MemoryError) as exc:
-        if not is_oom_error(exc):
-            raise
+    outcome = _attempt(items, run)
+    if isinstance(outcome, _OutOfMemory):  # the handler is left: the failed attempt's tensors are unreachable now
         if attempts is not None:
             attempts.append(Attempt(size=len(items), oom=True))
         if on_oom is not None:
             on_oom()
         if len(items) == 1:
-            return [OutOfMemoryAlone(f"out of device memory even alone in a batch: {exc}".splitlines()[0])]
+            return [OutOfMemoryAlone(f"out of device memory even alone in a batch: {outcome.message}")]
         size.shrink_after_oom(len(items))  # now at most half of len(items): the recursion below chunks and ends
         return run_with_split(items, run, size, on_oom, attempts)
     if attempts is not None:
         attempts.append(Attempt(size=len(items), oom=False))
+    results: list[R | OutOfMemoryAlone] = list(outcome)
     if len(results) != len(items):
         raise RuntimeError(f"inference returned {len(results)} results for {len(items)} images")
     return results
+
+
+@dataclass(frozen=True)
+class _OutOfMemory:
+    """An attempt ran out of memory. Only the first line of the message is kept: the exception's traceback would
+    hold the failed forward pass's frames, and with them its activations, alive."""
+
+    message: str
+
+
+def _attempt(items: Sequence[T], run: Callable[[Sequence[T]], Sequence[R]]) -> list[R] | _OutOfMemory:
+    """``run(items)``, or the out-of-memory error as a plain value; every other error propagates."""
+    try:
+        return list(run(items))
+    except (RuntimeError, MemoryError) as exc:
+        if not is_oom_error(exc):
+            raise
+        return _OutOfMemory(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

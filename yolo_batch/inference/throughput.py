@@ -138,9 +138,9 @@ def measure_throughput(run_batch: Callable[[int], int | None], sizes: Sequence[i
     samples: list[ThroughputSample] = []
     best, flat = 0.0, 0
     for size in sizes:
+        seconds, peak, oom = float("inf"), None, False
         try:
             run_batch(size)  # warm-up: allocator, kernels for this shape
-            seconds, peak = float("inf"), None
             for _ in range(repeats):
                 start = clock()
                 peak = run_batch(size)
@@ -148,6 +148,8 @@ def measure_throughput(run_batch: Callable[[int], int | None], sizes: Sequence[i
         except (RuntimeError, MemoryError) as exc:
             if not is_oom_error(exc):
                 raise
+            oom = True
+        if oom:  # released outside the handler: its traceback would keep the failed batch's tensors alive
             if on_oom is not None:
                 on_oom()
             samples.append(ThroughputSample(batch=size, oom=True))

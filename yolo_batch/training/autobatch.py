@@ -20,9 +20,10 @@ from typing import Any, Protocol
 from yolo_batch import __version__, ultralytics_adapter
 from yolo_batch.core.devices import DeviceSelection, parse_device
 from yolo_batch.core.models import model_fingerprint
-from yolo_batch.core.nvml import GpuMemory, NvmlUnavailable, read_gpus
+from yolo_batch.core.nvml import CudaDevice, GpuMemory, NvmlUnavailable, read_gpus
 from yolo_batch.errors import InputError, YoloBatchError
 from yolo_batch.training.batchnorm import choose_bn_policy
+from yolo_batch.training.budget import BudgetPlan, ddp_reserve_bytes, own_usage, plan_budgets, reconcile_free
 from yolo_batch.training.cache import DecisionCache, cache_key
 from yolo_batch.training.config import SizingConfig
 from yolo_batch.training.data import (
@@ -34,6 +35,7 @@ from yolo_batch.training.data import (
 from yolo_batch.training.decision import AutoBatchDecision, GpuBudget, ProbeSample
 from yolo_batch.training.scaling import plan_scaling
 from yolo_batch.training.search import NoBatchFits, round_batch, search_batch
+from yolo_batch.training.settings import MEMORY_ARGS, TrainerSettings, resolve_trainer_settings
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,12 @@ class GpuBackend(Protocol):
     """What AutoBatch needs from the accelerator runtime."""
 
     def device_count(self) -> int: ...
+    def identify(self, indices: Sequence[int]) -> Sequence[CudaDevice]:
+        """How CUDA names these devices (their UUIDs), without creating a context."""
     def init_context(self, index: int) -> int:
         """Create this process's context on GPU ``index``; return bytes the framework has reserved there."""
+    def mem_get_info(self, index: int) -> tuple[int, int] | None:
+        """(free, total) bytes as CUDA reports them on a GPU that already has our context; None if unknown."""
     def make_probe(self, model: Any, nc: int, setup: Any, index: int) -> Probe: ...
 
 
@@ -60,14 +66,24 @@ class TorchCudaBackend:
     """The real backend: torch CUDA and Ultralytics' DetectionModel."""
 
     def device_count(self) -> int:
-        from yolo_batch.training.probe import cuda_device_count
+        from yolo_batch.core.cuda import device_count
 
-        return cuda_device_count()
+        return device_count()
+
+    def identify(self, indices: Sequence[int]) -> Sequence[CudaDevice]:
+        from yolo_batch.core.cuda import identify
+
+        return identify(indices)
 
     def init_context(self, index: int) -> int:
         from yolo_batch.training.probe import cuda_context_bytes, device_for
 
         return cuda_context_bytes(device_for(index))
+
+    def mem_get_info(self, index: int) -> tuple[int, int] | None:
+        from yolo_batch.core.cuda import mem_get_info
+
+        return mem_get_info(index)
 
     def make_probe(self, model: Any, nc: int, setup: Any, index: int) -> Probe:
         from yolo_batch.training.probe import TrainingProbe, device_for
@@ -108,13 +124,13 @@ def estimate_batch(
     if devices.is_cpu:
         why = "no CUDA GPU found" if config.device is None else "device is CPU"
         return request.fall_back(f"{why}: AutoBatch sizes GPU memory, so {request.default_text} is used")
+    reserve = ddp_reserve_bytes(ultralytics_adapter.parameter_count(model), devices.world_size)
     try:
-        reserved = backend.init_context(devices.cuda[0])
-        gpus = read_gpus(devices.cuda, nvml=nvml)
+        plan, gpus = read_budgets(backend, devices, config.batch.fraction, nvml=nvml, ddp_reserve=reserve)
     except (NvmlUnavailable, RuntimeError) as exc:  # RuntimeError: the CUDA runtime itself failed to start
         return request.fall_back(f"{exc}; using {request.default_text}")
-    budgets, notes = gpu_budgets(gpus, config.batch.fraction, reserved, devices.world_size)
-    return _measure(request, budgets, notes, backend, cache, model)
+    settings = trainer_settings(config, model, info, request.cap * devices.world_size)
+    return _measure(request, plan, gpus[0].driver, settings, backend, cache, model)
 
 
 @dataclass(frozen=True)
@@ -151,31 +167,29 @@ class _Request:
         return self.decide(self.fallback, "fallback", reasons=(reason,))
 
 
-def _measure(request: _Request, budgets: list[GpuBudget], notes: list[str], backend: GpuBackend,
-             cache: DecisionCache, model: Any) -> AutoBatchDecision:
+def _measure(request: _Request, plan: BudgetPlan, driver: str | None, settings: TrainerSettings,
+             backend: GpuBackend, cache: DecisionCache, model: Any) -> AutoBatchDecision:
     """Probe on the tightest GPU (or reuse a cached decision that still fits today's budget)."""
     config, info = request.config, request.info
-    tightest = min(budgets, key=lambda g: g.budget_bytes)
+    notes = list(plan.notes)
+    tightest = next(b for b in plan.gpus if b.index == plan.probe_index)
     key = cache_key({
         "gpu": tightest.name, "total": tightest.total_bytes, "model": model_fingerprint(config.model),
         "nc": info.nc, "targets": info.worst_case_targets, "imgsz": config.imgsz, "amp": config.amp,
         "optimizer": config.optimizer, "fraction": config.batch.fraction, "rounding": config.rounding.value,
         "cap": request.cap, "world": request.devices.world_size, "yolo_batch": __version__,
-        **ultralytics_adapter.versions(),
+        **ultralytics_adapter.versions(), "settings": settings.key(), "driver": driver, "mig": tightest.mig,
     })
     cached = cache.load(key) if config.use_cache else None
     if cached is not None and cached.verified_peak_bytes is not None:
         if cached.verified_peak_bytes <= tightest.budget_bytes:
             peak = cached.verified_peak_bytes / 2**30
             reasons = (*notes, f"cache hit: the verified peak {peak:.2f} GiB fits today's budget")
-            return request.decide(cached.batch, "autobatch", reasons=reasons, gpus=budgets, cached=cached)
+            return request.decide(cached.batch, "autobatch", reasons=reasons, gpus=plan.gpus, cached=cached,
+                                  settings=settings, precision=cached.precision)
         notes.append("cached decision no longer fits: other processes now hold more memory; re-measuring")
 
-    from yolo_batch.training.probe import ProbeSetup
-
-    setup = ProbeSetup(imgsz=config.imgsz, amp=config.amp, targets_per_image=info.worst_case_targets, nc=info.nc,
-                       optimizer=config.optimizer, val_images=info.val_images or None)
-    probe = backend.make_probe(model, info.nc, setup, tightest.index)
+    probe = backend.make_probe(model, info.nc, probe_setup(settings, info), tightest.index)
     try:
         result = search_batch(probe.measure, tightest.budget_bytes, request.cap, config.rounding)
     except NoBatchFits as exc:
@@ -184,41 +198,70 @@ def _measure(request: _Request, budgets: list[GpuBudget], notes: list[str], back
         ) from None
     finally:
         probe.close()
-    decision = request.decide(result.batch, "autobatch", reasons=(*notes, *result.reasons), gpus=budgets,
-                              predicted=result.predicted_peak, verified=result.verified, probes=result.samples)
+    precision = getattr(probe, "precision", None) or settings.precision
+    if precision != settings.precision:
+        notes.append(f"Ultralytics' AMP check fails on this GPU: the trainer trains in {precision}, and the batch "
+                     f"was sized for {precision}")
+    decision = request.decide(result.batch, "autobatch", reasons=(*notes, *result.reasons), gpus=plan.gpus,
+                              predicted=result.predicted_peak, verified=result.verified, probes=result.samples,
+                              settings=settings, precision=precision)
     cache.store(key, decision)
     return decision
 
 
-def gpu_budgets(gpus: Sequence[GpuMemory], fraction: float, reserved: int, world_size: int,
-                pid: int | None = None) -> tuple[list[GpuBudget], list[str]]:
-    """Per-GPU budgets: ``fraction`` of the memory free to this run.
+def read_budgets(backend: GpuBackend, devices: DeviceSelection, fraction: float, *, nvml: ModuleType | None = None,
+                 ddp_reserve: int = 0, pid: int | None = None) -> tuple[BudgetPlan, list[GpuMemory]]:
+    """Identify the chosen GPUs, create this process's context on the first, and plan each GPU's budget.
 
-    Free to us is NVML's free memory plus what our framework already reserved (its cache is ours
-    to reuse). With several GPUs, each DDP worker creates its own CUDA context, so a context's
-    size (ours, measured) is taken off every GPU first.
+    NVML is read before and after the context exists (its size, where NVML hides per-process figures or lists
+    host PIDs), and CUDA's own free memory is checked against NVML's.
+
+    Raises:
+        NvmlUnavailable: NVML cannot answer or cannot identify a GPU (the reason says which).
+        RuntimeError: the CUDA runtime failed to start.
     """
     pid = os.getpid() if pid is None else pid
-    notes: list[str] = []
-    context = 0
-    if world_size > 1:
-        own = gpus[0].own_bytes(pid)
-        context = max(own - reserved, 0)
-        if own == 0:
-            notes.append("NVML hides per-process memory here; DDP worker contexts not accounted for")
-    budgets = []
-    for gpu in gpus:
-        available = max(gpu.free_bytes + (reserved if gpu is gpus[0] else 0) - context, 0)
-        budgets.append(GpuBudget(
-            index=gpu.index, name=gpu.name, uuid=gpu.uuid, total_bytes=gpu.total_bytes, free_bytes=gpu.free_bytes,
-            own_bytes=gpu.own_bytes(pid), others_bytes=gpu.others_bytes(pid),
-            other_pids=tuple(p.pid for p in gpu.processes if p.pid != pid),
-            budget_bytes=int(available * fraction),
-        ))
-    if len(budgets) > 1:
-        tight = min(budgets, key=lambda g: g.budget_bytes)
-        notes.append(f"per-GPU batch sized by the tightest GPU ({tight.index}, {tight.budget_bytes / 2**30:.2f} GiB)")
-    return budgets, notes
+    cuda = backend.identify(devices.cuda)
+    before = read_gpus(devices.cuda, nvml=nvml, cuda=cuda)
+    reserved = backend.init_context(devices.cuda[0])
+    after = read_gpus(devices.cuda, nvml=nvml, cuda=cuda)
+    own = own_usage(before[0], after[0], reserved, pid)
+    notes = [f"GPU {g.index} found in NVML by {g.matched_by} (CUDA reported no UUID)"
+             for g in after if g.matched_by != "uuid"]
+    notes += [f"GPU {g.index} is a MIG instance: its own {g.total_bytes / 2**30:.1f} GiB are budgeted"
+              for g in after if g.mig]
+    if own.pid is not None and own.pid != pid:
+        notes.append(f"NVML lists this process as PID {own.pid} (host PIDs: a container); not counted as another "
+                     "process")
+    free: dict[int, int] = {}
+    measured = backend.mem_get_info(devices.cuda[0])
+    if measured is not None:
+        free[after[0].index], why = reconcile_free(after[0], *measured)
+        if why:
+            notes.append(why)
+    plan = plan_budgets(after, fraction, reserved=reserved, world_size=devices.world_size, own=own, pid=pid,
+                        ddp_reserve=ddp_reserve, free_override=free)
+    return dataclasses.replace(plan, notes=(*notes, *plan.notes)), after
+
+
+def trainer_settings(config: SizingConfig, model: Any, info: DatasetInfo, max_total_batch: int) -> TrainerSettings:
+    """The trainer's memory-relevant settings for this run, by Ultralytics' rules and defaults."""
+    return resolve_trainer_settings(
+        config.trainer_args, ultralytics_adapter.default_train_args(MEMORY_ARGS), imgsz=config.imgsz,
+        amp=config.amp, optimizer=config.optimizer, device_type="cuda", stride=ultralytics_adapter.model_stride(model),
+        n_train=info.train_images, nominal_batch=config.nominal_batch, epochs=config.epochs, nc=info.nc,
+        max_total_batch=max_total_batch,
+    )
+
+
+def probe_setup(settings: TrainerSettings, info: DatasetInfo) -> Any:
+    """The probe's setup: the trainer's settings and the data's worst case."""
+    from yolo_batch.training.probe import ProbeSetup
+
+    return ProbeSetup(imgsz=settings.imgsz, targets_per_image=info.worst_case_targets, nc=info.nc,
+                      precision=settings.precision, amp_check=settings.amp_check,
+                      channels_last=settings.channels_last, deterministic=settings.deterministic, seed=settings.seed,
+                      freeze=settings.freeze, optimizer=settings.optimizer, val_images=info.val_images or None)
 
 
 def _decide(
@@ -235,13 +278,15 @@ def _decide(
     verified: ProbeSample | None = None,
     probes: Sequence[ProbeSample] = (),
     cached: AutoBatchDecision | None = None,
+    settings: TrainerSettings | None = None,
+    precision: str | None = None,
 ) -> AutoBatchDecision:
     scale = plan_scaling(
         batch=batch, world_size=devices.world_size, nominal_batch=config.nominal_batch, optimizer=config.optimizer,
         lr0=config.lr0, momentum=config.momentum, rule=config.lr_scaling, n_train=info.train_images,
         epochs=config.epochs, nc=info.nc,
     )
-    notes = list(reasons)
+    notes = list(reasons) + list(settings.reasons if settings is not None else ())
     if source != "fixed" and config.max_batch is not None:
         notes.append(f"capped at {config.max_batch} per device by the {config.profile} profile")
     bn = choose_bn_policy(config.bn, batch, devices.world_size, config.starts_from_weights)
@@ -252,7 +297,9 @@ def _decide(
         source=source, batch=batch, world_size=devices.world_size, total_batch=scale.total_batch,
         accumulate=scale.accumulate, effective_batch=scale.effective_batch, nominal_batch=config.nominal_batch,
         optimizer=scale.optimizer, lr0_before=scale.lr0_before, lr0_after=scale.lr0_after, lr_rule=scale.lr_rule,
-        lr_factor=scale.lr_factor, device=str(devices), model=config.model, imgsz=config.imgsz, amp=config.amp,
+        lr_factor=scale.lr_factor, device=str(devices), model=config.model, imgsz=config.imgsz,
+        amp=config.amp if precision is None else precision != "fp32", precision=precision,
+        probe_settings=settings.key() if settings is not None else {},
         rounding=config.rounding.value, fraction=config.batch.fraction if config.batch.is_auto else None,
         profile=config.profile, bn_policy=bn.policy.value, bn_reason=bn.reason,
         dataset_size=info.train_images, max_objects=info.max_objects, gpus=tuple(gpus),

@@ -12,10 +12,12 @@ checkpoint keeps are poor. Three remedies, chosen by :func:`choose_bn_policy`:
   averages the running statistics of the live model, which stay fixed, so the saved checkpoints keep
   them too.
 * ``sync``: SyncBatchNorm, statistics from the global batch of a multi-GPU run. Ultralytics trains
-  multi-GPU runs in DDP worker processes, which receive the model's callbacks (pickled); in each worker
-  the BatchNorm layers are converted in ``on_pretrain_routine_end``, after Ultralytics has wrapped the
-  model in DistributedDataParallel (the conversion keeps every parameter and buffer object, which is
-  what DDP and the optimizer hold). The EMA copy and the checkpoints keep plain BatchNorm.
+  multi-GPU runs in DDP worker processes, which receive the model's callbacks (pickled). PyTorch requires
+  SyncBatchNorm to be in place before DistributedDataParallel wraps the model, and Ultralytics has no
+  callback there, so the adapter's trainer runs an event of its own (``BEFORE_DDP_WRAP``) once each worker
+  has its model and before it is moved, compiled and wrapped: the BatchNorm layers are converted then,
+  keeping every parameter and buffer object. The EMA copy (made from the converted model) is put back to
+  plain BatchNorm in ``on_pretrain_routine_end``, so the checkpoints keep plain BatchNorm.
 * ``train``: Ultralytics' own behaviour.
 """
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from yolo_batch.training.config import BnPolicy
+from yolo_batch.ultralytics_adapter.training import BEFORE_DDP_WRAP
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +126,10 @@ class FreezeBatchNorm:
 
 
 class ConvertToSyncBatchNorm:
-    """``on_pretrain_routine_end`` callback: BatchNorm layers become SyncBatchNorm in each DDP worker."""
+    """``BEFORE_DDP_WRAP`` callback: BatchNorm layers become SyncBatchNorm in each DDP worker, before the model is
+    wrapped (as PyTorch requires)."""
 
-    event = "on_pretrain_routine_end"
+    event = BEFORE_DDP_WRAP
 
     def __call__(self, trainer: Any) -> None:
         import torch
@@ -133,10 +137,43 @@ class ConvertToSyncBatchNorm:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             log.warning("--bn sync: no process group in this process (not a DDP worker); BatchNorm trains as usual")
             return
-        root = getattr(trainer.model, "module", trainer.model)  # inside DistributedDataParallel
-        converted = convert_to_sync(root)
+        if hasattr(trainer.model, "module"):  # already wrapped: too late for what PyTorch documents
+            raise RuntimeError("--bn sync: the model is already wrapped in DistributedDataParallel")
+        converted = convert_to_sync(trainer.model)
         log.info("--bn sync: %d BatchNorm layers now synchronise across %d processes", converted,
                  torch.distributed.get_world_size())
+
+
+class PlainBatchNormInEma:
+    """``on_pretrain_routine_end`` callback: the EMA copy (made from the converted model) back to plain BatchNorm,
+    so checkpoints, validation and exports never hold SyncBatchNorm."""
+
+    event = "on_pretrain_routine_end"
+
+    def __call__(self, trainer: Any) -> None:
+        ema = getattr(trainer, "ema", None)
+        if ema is not None:
+            revert_sync(ema.ema)
+
+
+def revert_sync(root: Any) -> int:
+    """Replace every SyncBatchNorm layer under ``root`` with BatchNorm2d, in place, keeping the same parameter and
+    buffer tensors (YOLO's normalisation layers are all 2-D). Returns how many were replaced."""
+    from torch import nn
+
+    reverted = 0
+    for parent in list(root.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.SyncBatchNorm):
+                plain = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                       child.track_running_stats, device="meta")
+                plain.weight, plain.bias = child.weight, child.bias
+                plain.running_mean, plain.running_var = child.running_mean, child.running_var
+                plain.num_batches_tracked = child.num_batches_tracked
+                plain.train(child.training)
+                setattr(parent, name, plain)
+                reverted += 1
+    return reverted
 
 
 def convert_to_sync(root: Any) -> int:
@@ -153,13 +190,13 @@ def convert_to_sync(root: Any) -> int:
     return converted
 
 
-def callbacks_for(policy: BnPolicy) -> list[FreezeBatchNorm | ConvertToSyncBatchNorm]:
+def callbacks_for(policy: BnPolicy) -> list[FreezeBatchNorm | ConvertToSyncBatchNorm | PlainBatchNormInEma]:
     """The Ultralytics callbacks that apply ``policy`` (none for ``train``)."""
     if policy is BnPolicy.AUTO:
         raise ValueError("resolve 'auto' with choose_bn_policy first")
     if policy is BnPolicy.FREEZE:
         return [FreezeBatchNorm()]
     if policy is BnPolicy.SYNC:
-        return [ConvertToSyncBatchNorm()]
+        return [ConvertToSyncBatchNorm(), PlainBatchNormInEma()]
     return []
 

@@ -29,8 +29,9 @@ class BenchRow:
     method: str
     batch: int
     seconds: float
-    train_peak_bytes: int | None
+    train_peak_bytes: int | None  # the caching allocator's peak
     oom: bool
+    device_peak_bytes: int | None = None  # the device's: the process's use above what it held before training
 
 
 @dataclass(frozen=True)
@@ -55,19 +56,23 @@ class BenchReport:
             out["time_ours_over_ultralytics"] = ours.seconds / theirs.seconds
         if ours and ours.train_peak_bytes and self.budget_bytes:
             out["peak_over_budget"] = ours.train_peak_bytes / self.budget_bytes
+        if ours and ours.device_peak_bytes and self.budget_bytes:
+            out["device_peak_over_budget"] = ours.device_peak_bytes / self.budget_bytes
         return out
 
     def table(self) -> Table:
         table = Table(title=f"AutoBatch benchmark: {self.model} imgsz={self.imgsz} on {self.device}",
                       title_justify="left")
-        for column in ("method", "batch", "seconds", "peak training+val", "peak / our budget", "OOM"):
+        for column in ("method", "batch", "seconds", "peak training+val", "device peak", "device peak / our budget",
+                       "OOM"):
             table.add_column(column, justify="right")
         for r in self.rows:
-            share = f"{r.train_peak_bytes / self.budget_bytes:.0%}" if r.train_peak_bytes and self.budget_bytes else "-"
-            table.add_row(r.method, str(r.batch), f"{r.seconds:.2f}", gib(r.train_peak_bytes), share,
+            peak = r.device_peak_bytes
+            share = f"{peak / self.budget_bytes:.0%}" if peak and self.budget_bytes else "-"
+            table.add_row(r.method, str(r.batch), f"{r.seconds:.2f}", gib(r.train_peak_bytes), gib(peak), share,
                           "yes" if r.oom else "no")
         for name, value in self.ratios().items():
-            table.add_row(name, f"{value:.2f}", "", "", "", "")
+            table.add_row(name, f"{value:.2f}", "", "", "", "", "")
         return table
 
 
@@ -88,8 +93,9 @@ def run_autobatch_bench(config: SizingConfig) -> BenchReport:
     rows = []
     for method, batch, seconds in (("yolo-batch", ours.total_batch, ours.seconds),
                                    ("ultralytics", their_batch, their_seconds)):
-        peak, oom = _train_peak(config, copy.deepcopy(model), batch, device)
-        rows.append(BenchRow(method=method, batch=batch, seconds=seconds, train_peak_bytes=peak, oom=oom))
+        peak, device_peak, oom = _train_peak(config, copy.deepcopy(model), batch, device)
+        rows.append(BenchRow(method=method, batch=batch, seconds=seconds, train_peak_bytes=peak, oom=oom,
+                             device_peak_bytes=device_peak))
     return BenchReport(device=f"{torch.cuda.get_device_name(device)} (cuda:{device.index})", model=config.model,
                        imgsz=config.imgsz, budget_bytes=ours.budget_bytes, rows=tuple(rows), notes=ours.reasons)
 
@@ -107,13 +113,18 @@ def _ultralytics_choice(config: SizingConfig, model: Any, info: DatasetInfo, dev
     return int(batch), seconds
 
 
-def _train_peak(config: SizingConfig, model: Any, batch: int, device: Any) -> tuple[int | None, bool]:
-    """One epoch of training plus validation at ``batch``; the device's peak reserved memory, and OOM."""
+def _train_peak(config: SizingConfig, model: Any, batch: int, device: Any) -> tuple[int | None, int | None, bool]:
+    """One epoch of training plus validation at ``batch``: the allocator's peak, the device-level peak above what the
+    process held before (memory outside the allocator included), and whether it ran out of memory."""
     import torch
+
+    from yolo_batch.core.cuda import DevicePeak, mem_get_info
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    with tempfile.TemporaryDirectory() as project:
+    free, total = mem_get_info(device.index)
+    oom = False
+    with tempfile.TemporaryDirectory() as project, DevicePeak(device.index) as sampled:
         try:
             with ultralytics_adapter.quiet():
                 ultralytics_adapter.train(model, {
@@ -124,5 +135,5 @@ def _train_peak(config: SizingConfig, model: Any, batch: int, device: Any) -> tu
         except (RuntimeError, MemoryError) as exc:
             if not is_oom_error(exc):
                 raise
-            return int(torch.cuda.max_memory_reserved(device)), True
-    return int(torch.cuda.max_memory_reserved(device)), False
+            oom = True
+    return int(torch.cuda.max_memory_reserved(device)), sampled.peak - (total - free), oom

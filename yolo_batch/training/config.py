@@ -119,8 +119,12 @@ class SizingConfig:
     bn: BnPolicy = BnPolicy.AUTO
     from_weights: bool | None = None  # training starts from weights; None: when the model is a .pt
     profile: str = "default"  # the profile these settings came from (named in the decision's reasons)
+    # Pass-through train arguments that change memory (multi_scale, freeze, compile, channels_last, deterministic,
+    # seed, amp='bf16'): the probe trains under them and the cache is keyed on them. Ultralytics still gets them.
+    trainer_args: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "trainer_args", MappingProxyType(dict(self.trainer_args)))
         check_imgsz(self.imgsz)
         check_count(self.nominal_batch, "nominal batch")
         check_count(self.epochs, "epochs")

@@ -17,7 +17,11 @@ GIB = 1 << 30
 
 @dataclass(frozen=True)
 class ProbeSample:
-    """Peak memory of real training steps at ``batch`` (and validation at ``val_batch``)."""
+    """Peak memory of real training steps at ``batch`` (and validation at ``val_batch``).
+
+    ``train_peak_bytes``/``val_peak_bytes`` are the caching allocator's peaks; ``outside_bytes`` is what the process
+    gained outside the allocator (cuBLAS/cuDNN workspaces, lazily loaded kernels), measured at device level.
+    """
 
     batch: int
     train_peak_bytes: int | None = None
@@ -25,12 +29,13 @@ class ProbeSample:
     val_peak_bytes: int | None = None
     oom: bool = False
     seconds: float = 0.0
+    outside_bytes: int | None = None
 
     @property
     def peak_bytes(self) -> int | None:
-        """The larger of the training and validation peaks: the one that decides."""
+        """The device-level peak that decides: the larger allocator peak plus the memory outside the allocator."""
         peaks = [p for p in (self.train_peak_bytes, self.val_peak_bytes) if p is not None]
-        return max(peaks) if peaks else None
+        return max(peaks) + (self.outside_bytes or 0) if peaks else None
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ class GpuBudget:
     others_bytes: int  # held by other processes, as NVML reports them
     other_pids: tuple[int, ...]
     budget_bytes: int
+    matched_by: str | None = None  # how NVML's device was matched to CUDA's ("uuid", ...)
+    mig: bool = False  # a MIG instance: its own memory, not the whole GPU's
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,8 @@ class AutoBatchDecision:
     cache_hit: bool = False
     pinned: dict[str, Any] = field(default_factory=dict)  # optimizer args pinned so the scaled lr0 applies
     reasons: tuple[str, ...] = ()
+    precision: str | None = None  # what the probe trained with after the AMP check: "fp16" | "bf16" | "fp32"
+    probe_settings: dict[str, Any] = field(default_factory=dict)  # the trainer settings the probe ran under
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,7 +131,8 @@ class AutoBatchDecision:
             ("effective batch", f"{self.effective_batch} (nominal {self.nominal_batch})"),
             ("optimizer", self.optimizer),
             ("lr0", f"{self.lr0_before:g} -> {self.lr0_after:g} ({self.lr_rule}, x{self.lr_factor:.3g})"),
-            ("model / imgsz / amp", f"{self.model} / {self.imgsz} / {self.amp}"),
+            ("model / imgsz / amp", f"{self.model} / {self.imgsz} / {self.amp}"
+                                    + (f" ({self.precision})" if self.precision else "")),
             ("rounding", self.rounding),
         ]
         if self.profile is not None:
@@ -143,7 +153,9 @@ class AutoBatchDecision:
             rows.append(("predicted peak", gib(self.predicted_peak_bytes)))
         if self.verified_peak_bytes is not None:
             share = f" ({self.utilisation:.0%} of budget)" if self.utilisation is not None else ""
-            rows.append(("verified peak", gib(self.verified_peak_bytes) + share))
+            outside = next((p.outside_bytes for p in reversed(self.probes) if p.outside_bytes is not None), None)
+            beyond = f", {gib(outside)} of it outside the allocator" if outside else ""
+            rows.append(("verified peak (device)", gib(self.verified_peak_bytes) + share + beyond))
         rows.append(("time spent", f"{self.seconds:.2f} s"))
         rows.extend(("reason", r) for r in self.reasons)
         return rows

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -22,6 +22,7 @@ from yolo_batch.training.config import (
 )
 from yolo_batch.training.data import DatasetInfo, inspect_dataset, resolve_data
 from yolo_batch.training.decision import AutoBatchDecision
+from yolo_batch.training.settings import MEMORY_ARGS
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def split_train_args(sizing: SizingConfig, extra: Mapping[str, Any]) -> tuple[Si
         if key in RESERVED_TRAIN_ARGS:
             raise InputError(f"'{key}' is set by yolo-batch: use {RESERVED_TRAIN_ARGS[key]} instead of --set {key}=...")
     values = ultralytics_adapter.validate_train_args(extra)
-    lifted: dict[str, Any] = {k: _LIFTED[k](values.pop(k)) for k in list(values) if k in _LIFTED}
+    lifted: dict[str, Any] = {"trainer_args": {k: values[k] for k in MEMORY_ARGS if k in values}}  # also passed on
+    lifted.update({k: _LIFTED[k](values.pop(k)) for k in list(values) if k in _LIFTED})
     if "amp" in values:
         # Ultralytics also takes amp="fp32" / "bf16"; a string stays in the pass-through for it to read.
         amp = values["amp"] if isinstance(values["amp"], bool) else str(values["amp"]).lower() != "fp32"
@@ -85,7 +87,7 @@ def ultralytics_overrides(config: TrainConfig, decision: AutoBatchDecision, data
         "device": decision.device,
         "batch": decision.total_batch,
         "nbs": sizing.nominal_batch,
-        "amp": sizing.amp,
+        "amp": decision.amp,  # off where the probe's AMP check failed: the trainer runs the same check
         "optimizer": sizing.optimizer,
         "lr0": sizing.lr0,
         "momentum": sizing.momentum,
@@ -105,8 +107,11 @@ def train(
     on_decision: Callable[[AutoBatchDecision], None] | None = None,
     backend: GpuBackend | None = None,
     nvml: ModuleType | None = None,
+    callbacks: Sequence[ultralytics_adapter.TrainerCallback] = (),
 ) -> TrainResult:
     """Decide the batch, then train; ``autobatch.json`` is written into the run folder before epoch 1.
+
+    ``callbacks``: more Ultralytics callbacks, registered after ours (a benchmark's co-tenant, a user's own).
 
     Raises:
         InputError: bad model, data, device, batch or pass-through argument (nothing is written).
@@ -129,11 +134,11 @@ def train(
         seen["accumulate"] = trainer.accumulate
         decision.save(Path(trainer.save_dir) / DECISION_FILE)
 
-    callbacks: list[ultralytics_adapter.TrainerCallback] = [("on_pretrain_routine_end", write_decision)]
+    ours: list[ultralytics_adapter.TrainerCallback] = [("on_pretrain_routine_end", write_decision)]
     if decision.bn_policy is not None:
-        callbacks += [(c.event, c) for c in batchnorm.callbacks_for(BnPolicy(decision.bn_policy))]
-    trainer = ultralytics_adapter.train(model, ultralytics_overrides(config, decision, data), callbacks=callbacks,
-                                        image_window=config.image_window)
+        ours += [(c.event, c) for c in batchnorm.callbacks_for(BnPolicy(decision.bn_policy))]
+    trainer = ultralytics_adapter.train(model, ultralytics_overrides(config, decision, data),
+                                        callbacks=[*ours, *callbacks], image_window=config.image_window)
     save_dir = Path(trainer.save_dir)
     decision_path = save_dir / DECISION_FILE
     if not decision_path.exists():  # DDP runs its callbacks in the worker processes

@@ -7,8 +7,10 @@
 * :mod:`.models` loads models (never downloading), builds the probe's DetectionModel and the inference network,
   and wraps Ultralytics' NMS.
 * :mod:`.data` checks data yamls and train arguments by Ultralytics' own rules.
-* :mod:`.training` runs ``model.train`` with our callbacks and the 16-bit image reader, and Ultralytics' own
-  AutoBatch (the benchmark's peer).
+* :mod:`.settings` asks Ultralytics what the trainer will do (defaults, stride, determinism, the AMP check) so the
+  AutoBatch probe trains under the same settings.
+* :mod:`.training` runs ``model.train`` with our callbacks and the 16-bit image reader, writes the DDP launch file
+  (for checking it offline), and runs Ultralytics' own AutoBatch (the benchmark's peer).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from yolo_batch.ultralytics_adapter.models import (
     inference_network,
     load_model,
     non_max_suppression,
+    parameter_count,
     reference_letterbox,
     versions,
 )
@@ -41,16 +44,26 @@ from yolo_batch.ultralytics_adapter.session import (
     one_line,
     quiet,
 )
+from yolo_batch.ultralytics_adapter.settings import (
+    amp_check,
+    default_train_args,
+    determinism,
+    model_stride,
+)
 from yolo_batch.ultralytics_adapter.training import (
+    BEFORE_DDP_WRAP,
     DeepImageReader,
     TrainerCallback,
     WorkerSetup,
+    before_wrap_trainer,
+    ddp_launch_file,
     deep_image_reader,
     train,
     ultralytics_batch_size,
 )
 
 __all__ = [
+    "BEFORE_DDP_WRAP",
     "DEPENDS_ON",
     "SUPPORTED",
     "DeepImageReader",
@@ -58,19 +71,26 @@ __all__ = [
     "TrainerCallback",
     "UltralyticsMismatch",
     "WorkerSetup",
+    "amp_check",
     "amp_forward_matches",
+    "before_wrap_trainer",
     "check_dataset",
+    "ddp_launch_file",
     "deep_image_reader",
+    "default_train_args",
     "detection_model",
+    "determinism",
     "guards_active",
     "image_formats",
     "import_ultralytics",
     "inference_network",
     "label_paths",
     "load_model",
+    "model_stride",
     "non_max_suppression",
     "offline",
     "one_line",
+    "parameter_count",
     "quiet",
     "reference_letterbox",
     "train",

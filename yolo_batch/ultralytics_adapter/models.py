@@ -44,14 +44,22 @@ def load_model(spec: str) -> Any:
 
 
 def detection_model(model: Any, nc: int, hyp: Mapping[str, Any]) -> Any:
-    """A fresh DetectionModel with ``nc`` classes and the run's loss gains, as the trainer builds it."""
+    """A fresh DetectionModel with ``nc`` classes and the run's loss gains, as the trainer builds it: with the
+    weights of a model loaded from a .pt transferred (``get_model(weights=...)``), so the AMP check sees them too."""
     with quiet():
         from ultralytics.cfg import get_cfg
         from ultralytics.nn.tasks import DetectionModel
 
         built = DetectionModel(model.model.yaml, nc=nc, verbose=False)
+        if model.ckpt:
+            built.load(model.model)
         setattr(built, "args", get_cfg(overrides=dict(hyp)))  # noqa: B010  (nn.Module types its attributes)
     return built
+
+
+def parameter_count(model: Any) -> int:
+    """Parameters of a loaded YOLO model's network (DDP keeps a gradient copy of each in its buckets)."""
+    return sum(p.numel() for p in model.model.parameters())
 
 
 def versions() -> dict[str, str]:

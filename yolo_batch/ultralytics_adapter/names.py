@@ -42,10 +42,13 @@ DEPENDS_ON: tuple[Dependency, ...] = (
     Dependency("ultralytics.utils.checks.check_font", "replaced during calls: it downloads fonts", private=True),
     Dependency("ultralytics.utils.plotting.check_font", "replaced during calls (imported by name)", private=True),
     Dependency("ultralytics.data.utils.check_font", "replaced during calls (imported by name)", private=True),
-    Dependency("ultralytics.engine.trainer.check_amp", "replaced during training: it downloads yolo26n.pt",
-               private=True),
+    Dependency("ultralytics.engine.trainer.check_amp", "replaced during training: it downloads yolo26n.pt; asked "
+                                                       "before the probe whether fp16 stays on", private=True),
     Dependency("ultralytics.data.base.imread", "replaced during training: 16-bit images are scaled, not truncated",
                private=True),
+    Dependency("ultralytics.models.yolo.detect.DetectionTrainer.setup_model", "extended to convert to SyncBatchNorm "
+                                                                             "before DDP wraps the model: the first "
+                                                                             "step of _setup_train"),
     Dependency("ultralytics.nn.tasks.DetectionModel", "the model the AutoBatch probe trains", private=True),
     Dependency("ultralytics.nn.modules.head.Detect", "caches the anchors of the last input shape on the module, "
                                                      "so inference threads each run their own copy", private=True),
@@ -53,6 +56,14 @@ DEPENDS_ON: tuple[Dependency, ...] = (
                                                             "(agnostic is positional)", private=True),
     Dependency("ultralytics.data.augment.LetterBox", "the reference our letterbox is tested against"),
     Dependency("ultralytics.utils.autobatch.check_train_batch_size", "bench autobatch's baseline"),
+    Dependency("ultralytics.utils.torch_utils.init_seeds",
+               "the trainer's determinism switch (CUBLAS_WORKSPACE_CONFIG), applied around the AutoBatch probe",
+               private=True),
+    Dependency("ultralytics.utils.callbacks.default_callbacks", "restored after the AMP check resets them, as the "
+                                                                "trainer does", private=True),
+    Dependency("ultralytics.utils.dist.generate_ddp_file",
+               "the DDP launch file (cloudpickle), checked offline by tests", private=True),
+    Dependency("ultralytics.utils.dist.ddp_cleanup", "removing that launch file after the check", private=True),
 )
 
 # Attributes of objects Ultralytics returns, read by yolo-batch (checked by tests that build the objects).
@@ -61,6 +72,10 @@ OBJECT_ATTRIBUTES: tuple[Dependency, ...] = (
     Dependency("BaseTrainer.accumulate", "what the trainer accumulated, checked against the decision", private=True),
     Dependency("BaseTrainer.model", "BatchNorm layers the freeze and sync policies reach", private=True),
     Dependency("YOLO.model.yaml", "rebuilding a DetectionModel for the probe", private=True),
+    Dependency("YOLO.ckpt", "whether the model came from a .pt (its weights go into the probe's model)",
+               private=True),
+    Dependency("YOLO.model.stride", "the grid multi_scale sizes are rounded to"),
+    Dependency("YOLO.task_map", "the task's trainer class, extended for the before-DDP-wrap hook"),
     Dependency("DetectionModel.loss", "the probe's real detection loss"),
     Dependency("DetectionModel.fuse", "Conv+BN fusion for inference, as the predictor does"),
     Dependency("DetectionModel.stride / names / end2end", "letterbox stride, class names, NMS-free heads"),

@@ -13,6 +13,7 @@ reader there, for the worker's whole life (a worker only trains).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ from yolo_batch.ultralytics_adapter.session import (
 
 Window = tuple[float, float]
 TrainerCallback = tuple[str, Callable[[Any], None]]  # (Ultralytics event name, callback(trainer))
+# An event of our own, run in every training process before the model is moved, compiled and wrapped in DDP
+# (:class:`BeforeWrapHook`); registering a callback for it makes :func:`train` use a trainer that runs it.
+BEFORE_DDP_WRAP = "yolo_batch_before_ddp_wrap"
 
 _DEEP_SUFFIXES = (".png", ".tif", ".tiff")  # the formats that carry more than 8 bits per sample in practice
 
@@ -42,8 +46,30 @@ def train(model: Any, overrides: Mapping[str, Any], *, callbacks: Sequence[Train
     for event, callback in callbacks:
         model.add_callback(event, callback)
     with offline(), deep_image_reader(image_window):
-        model.train(**dict(overrides))
+        trainer_class = None
+        if any(event == BEFORE_DDP_WRAP for event, _ in callbacks):
+            trainer_class = before_wrap_trainer(model.task_map[model.task]["trainer"])
+        model.train(trainer=trainer_class, **dict(overrides))
     return model.trainer
+
+
+class BeforeWrapHook:
+    """Mixed in over the task's trainer (:func:`before_wrap_trainer`): runs the ``BEFORE_DDP_WRAP`` callbacks in every
+    process once ``setup_model`` has the model, the first step of ``_setup_train``, before the model is moved to the
+    device, compiled and wrapped in DistributedDataParallel. PyTorch requires SyncBatchNorm to be in place before
+    DDP wraps the model, and Ultralytics has no callback there."""
+
+    def setup_model(self) -> Any:
+        checkpoint = super().setup_model()  # type: ignore[misc]
+        self.run_callbacks(BEFORE_DDP_WRAP)  # type: ignore[attr-defined]
+        return checkpoint
+
+
+@functools.cache
+def before_wrap_trainer(base: type) -> type:
+    """``base`` (the task's trainer class) with :class:`BeforeWrapHook`. Made at run time because Ultralytics is
+    imported lazily; multi-GPU runs pickle it by value (cloudpickle) into the workers, where the hook runs too."""
+    return type(f"BeforeWrap{base.__name__}", (BeforeWrapHook, base), {})
 
 
 class DeepImageReader:
@@ -124,6 +150,22 @@ def _set_up_worker(window: Window | None) -> WorkerSetup:
     if not isinstance(base.imread, DeepImageReader):
         base.imread = DeepImageReader(base.imread, window)
     return WorkerSetup(window)
+
+
+@contextlib.contextmanager
+def ddp_launch_file(trainer: Any) -> Iterator[Path]:
+    """The launch file Ultralytics writes for its DDP workers (``generate_ddp_file``), written offline for the block
+    and removed after as Ultralytics removes it (``ddp_cleanup``). Multi-GPU runs write it inside ``model.train``;
+    this is the same call, for checking that a worker can load it without installing anything.
+    """
+    with offline():
+        from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
+
+        path = generate_ddp_file(trainer)
+        try:
+            yield Path(path)
+        finally:
+            ddp_cleanup(trainer, path)
 
 
 def ultralytics_batch_size(model: Any, imgsz: int, amp: bool, max_num_obj: int, dataset_size: int) -> int:
