@@ -1,13 +1,16 @@
-# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv and install.
+# Entry points for a fresh machine: `make demo` and `make test` (both create .venv and install), and
+# `make docker-test` (as root: builds and runs the Docker image, see deploy/README.md).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test gpu-check install install-dev clean
+.PHONY: demo test gpu-check docker-test install install-dev clean
 
+# setuptools: the build backend pyproject.toml names (>=77); a new venv brings 65, which cannot build the wheel
+# without build isolation (tests/test_serving_deploy.py does that, offline).
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=77"
 
 install: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
@@ -21,7 +24,7 @@ demo: install
 
 # Lint and type-check first (seconds), then the suite.
 test: install-dev
-	$(BIN)/ruff check yolo_batch datasets tests
+	$(BIN)/ruff check yolo_batch datasets tests deploy
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
@@ -29,6 +32,10 @@ test: install-dev
 # bench serve, into runs/gpu-check/report.json and report.md. Without a GPU: one line, exit 0.
 gpu-check: install-dev
 	$(BIN)/python -m yolo_batch.gpu_check --out runs/gpu-check
+
+# The Docker image built from this tree and run as deploy/README.md says (CPU, no registry needed; root; minutes).
+docker-test:
+	deploy/smoke.sh
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from yolo_batch.errors import InputError
 from yolo_batch.inference.config import BatchSetting
@@ -70,6 +71,8 @@ def test_token_from_environment_or_file(tmp_path):
     ({"model": "m", "profile": "nope"}, {}, "unknown profile 'nope'"),
     ({"model": "m", "token_file": Path("/nonexistent/token")}, {}, "cannot read the token file"),
     ({"model": "m"}, {"YOLO_BATCH_TOKEN": "two words"}, "without whitespace"),
+    ({"model": "m"}, {"YOLO_BATCH_TOKEN": "change-me"}, "YOLO_BATCH_TOKEN is the placeholder 'change-me'"),
+    ({"model": "m"}, {"YOLO_BATCH_TOKEN": "CHANGEME"}, "is the placeholder"),
     ({"model": "m", "log_level": "loud"}, {}, "log level"),
     ({"model": "m", "colour": "red"}, {}, "unknown serve setting(s): colour"),
 ])
@@ -88,3 +91,19 @@ def test_every_setting_has_a_field_or_is_the_token_file():
 def test_from_env_parses_types():
     assert from_env({"YOLO_BATCH_PORT": "81", "YOLO_BATCH_HALF": "no", "YOLO_BATCH_POLL_MS": "100"}) == {
         "port": 81, "half": False, "poll_ms": 100.0}
+
+
+def test_placeholder_tokens_are_refused_from_a_file_too_and_real_ones_pass(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("secret\n")
+    with pytest.raises(InputError, match=f"the token file {token_file} is the placeholder 'secret'"):
+        resolve({"model": "m", "token_file": token_file}, {})
+    for real in ("change-me-7Hq2", "s3cret", "tokens"):  # near a placeholder is not one
+        assert resolve({"model": "m"}, {"YOLO_BATCH_TOKEN": real}).token == real
+
+
+def test_the_example_env_files_token_is_refused():
+    lines = (ROOT / "deploy" / "yolo-batch.env.example").read_text().splitlines()
+    [example] = [line.split("=", 1)[1] for line in lines if line.startswith("YOLO_BATCH_TOKEN=")]
+    with pytest.raises(InputError, match="is the placeholder"):
+        resolve({"model": "m"}, {"YOLO_BATCH_TOKEN": example})

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,8 @@ from inference_fixtures import bccd_images, detector  # noqa: F401 (fixtures)
 from serving_fixtures import free_port, parse_metrics, until, wait_for_status
 
 from yolo_batch.cli import main
+from yolo_batch.errors import InputError
+from yolo_batch.serving.server import check_hot_folder_access
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
@@ -194,3 +198,91 @@ def test_bench_serve_reports_throughput_latency_batches_and_the_offline_ratio(de
     assert report["target"]["p99_bound_ms"] == pytest.approx(
         report["max_delay_ms"] + 2 * report["batch_ms"]["per_request"], abs=0.02)
     assert report["target"]["p99_met"] == (latency["p99"] <= report["target"]["p99_bound_ms"])
+
+
+def _checked_as_another_user(watch: Path, out: Path) -> str | None:
+    """check_hot_folder_access's one line (None: passed) in a process that is not root where the test is.
+
+    root passes every access check, so as root the check runs in a child switched to uid/gid 65534.
+    """
+    if os.geteuid() != 0:
+        try:
+            check_hot_folder_access(watch, out)
+        except InputError as exc:
+            return str(exc)
+        return None
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child reports through the pipe and never returns)
+        code = 0
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            check_hot_folder_access(watch, out)
+        except InputError as exc:
+            os.write(write_end, str(exc).encode())
+            code = 3
+        except BaseException:  # noqa: BLE001 (anything else must fail the test, not leave a second pytest)
+            code = 4
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        message = reader.read().decode()
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) in (0, 3), "the check failed in the child"
+    return message or None
+
+
+@pytest.mark.parametrize("locked, expected", [
+    ((), None),
+    (("in",), "/in is not writable by this process"),
+    (("in/done",), "/in/done is not writable"),
+    (("out",), "/out is not writable"),
+    (("out/results.jsonl",), "/out/results.jsonl is not writable"),
+    (("box",), None),  # in and out exist and are writable: the folder above them does not matter
+])
+def test_hot_folders_the_service_cannot_write_are_one_line_at_start(locked, expected):
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)  # the other user must reach what is inside
+        box = base / "box"
+        for folder in ("in/done", "in/failed", "out"):
+            (box / folder).mkdir(parents=True)
+        (box / "out" / "results.jsonl").write_text("")
+        paths = [box, *sorted(box.rglob("*"))]
+        for path in paths:  # writable for the checking process, except what the case locks
+            is_locked = str(path.relative_to(base / "box")) in locked if path != box else "box" in locked
+            if os.geteuid() == 0:
+                os.chown(path, 0 if is_locked else 65534, 0 if is_locked else 65534)
+            if is_locked:
+                path.chmod(0o555 if path.is_dir() else 0o444)
+        message = _checked_as_another_user(box / "in", box / "out")
+        if expected is None:
+            assert message is None
+        else:
+            assert message is not None and expected in message and "\n" not in message
+            assert "chown -R" in message
+    finally:
+        for path in [base, *base.rglob("*")]:
+            if path.is_dir():
+                path.chmod(0o755)
+        shutil.rmtree(base)
+
+
+def test_a_missing_out_folder_is_checked_where_it_would_be_created():
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)
+        (base / "in").mkdir()
+        if os.geteuid() == 0:
+            os.chown(base / "in", 65534, 65534)  # base itself stays root's: out cannot be created in it
+        else:
+            base.chmod(0o555)
+        message = _checked_as_another_user(base / "in", base / "out" / "deeper")
+        assert message is not None and message.startswith(f"{base} is not writable")
+    finally:
+        base.chmod(0o755)
+        shutil.rmtree(base)

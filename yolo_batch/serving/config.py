@@ -231,6 +231,25 @@ def read_token(path: Path) -> str:
     return token
 
 
+# Values that example files and tutorials put where a token goes; a service guarded by one of them is open.
+PLACEHOLDER_TOKENS = frozenset({
+    "change-me", "changeme", "change_me", "change-this", "replace-me", "replaceme", "your-token",
+    "your-token-here", "yourtoken", "token", "secret", "password", "placeholder", "example", "xxx", "todo",
+    "<token>", "<your-token>",
+})
+
+
+def refuse_placeholder_token(token: str, source: str) -> None:
+    """Reject a token that is an obvious placeholder (the example env file's ``change-me``, ``secret``, ...).
+
+    Raises:
+        InputError: naming ``source`` (where the token came from) and how to make a real one.
+    """
+    if token.strip().lower() in PLACEHOLDER_TOKENS:
+        raise InputError(f"{source} is the placeholder '{token}', not a token: set a real one, e.g. the output of "
+                         "python3 -c \"import secrets; print(secrets.token_urlsafe(32))\"")
+
+
 def resolve(explicit: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> ServeConfig:
     """The one merge: ``explicit`` (options given on the command line; ``None`` values count as not given)
     over the environment over the profile's ``infer`` section over the defaults.
@@ -238,7 +257,7 @@ def resolve(explicit: Mapping[str, Any], environ: Mapping[str, str] | None = Non
     The token comes from ``token_file`` (option, then ``YOLO_BATCH_TOKEN_FILE``) or ``YOLO_BATCH_TOKEN``.
 
     Raises:
-        InputError: unknown setting names, bad values, an unreadable profile or token file.
+        InputError: unknown setting names, bad values, an unreadable profile or token file, a placeholder token.
     """
     from yolo_batch.profiles import infer_settings, load_profile
 
@@ -254,6 +273,8 @@ def resolve(explicit: Mapping[str, Any], environ: Mapping[str, str] | None = Non
                               max_latency_ms=merged.get("max_latency_ms"))
     token_file = given.get("token_file") or (None if environ.get(TOKEN_ENV, "").strip() else env.get("token_file"))
     token = read_token(token_file) if token_file is not None else (environ.get(TOKEN_ENV, "").strip() or None)
+    if token is not None:
+        refuse_placeholder_token(token, f"the token file {token_file}" if token_file is not None else TOKEN_ENV)
     merged.pop("token_file", None)
     merged.update(profile=str(merged.get("profile", "default")), max_batch=BatchSetting.parse(settings["batch"]),
                   half=settings["half"], max_latency_ms=settings["max_latency_ms"], image_window=profile.image_window,

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -27,6 +29,7 @@ from yolo_batch.errors import InputError
 from yolo_batch.serving.app import create_app
 from yolo_batch.serving.backend import DetectorBackend
 from yolo_batch.serving.config import ServeConfig
+from yolo_batch.serving.hotfolder import DONE, ERRORS, FAILED, RESULTS
 from yolo_batch.serving.state import BackendFactory, ServiceState
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,31 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return sock
+
+
+def check_hot_folder_access(watch: Path, out: Path) -> None:
+    """Fail at start, in one line, where the hot folder could not move a file or append to its journal.
+
+    A folder that Docker created for a bind mount belongs to root, while the image runs as uid 10001; found
+    only when the first file arrives, that is a traceback in a restart loop instead of one line saying what
+    to change.
+
+    Raises:
+        InputError: ``watch`` (or its done/, failed/), ``out`` (or the folder it would be created in) or a
+            journal file in it is not writable by this process.
+    """
+    needed = [(watch, os.R_OK | os.W_OK | os.X_OK)]
+    needed += [(watch / name, os.W_OK | os.X_OK) for name in (DONE, FAILED) if (watch / name).is_dir()]
+    target = out
+    while not target.exists() and target.parent != target:  # out is created at start when missing
+        target = target.parent
+    needed.append((target, os.W_OK | os.X_OK))
+    needed += [(out / name, os.R_OK | os.W_OK) for name in (RESULTS, ERRORS) if (out / name).is_file()]
+    for folder, mode in needed:
+        if not os.access(folder, mode):
+            uid, gid = os.getuid(), os.getgid()
+            raise InputError(f"{folder} is not writable by this process (uid {uid}, gid {gid}): give it that owner, "
+                             f"e.g. sudo chown -R {uid}:{gid} on the host folder mounted there")
 
 
 class _Server(uvicorn.Server):
@@ -116,6 +144,8 @@ def serve(config: ServeConfig, backend_factory: BackendFactory = DetectorBackend
                 raise InputError(f"--watch {config.watch} is not a folder")
             if config.out is not None and config.out.exists() and not config.out.is_dir():
                 raise InputError(f"--out {config.out} is a file, not a folder")
+            if config.watch is not None and config.out is not None:
+                check_hot_folder_access(config.watch, config.out)
             loaded = backend
             app = create_app(config, lambda _: loaded)
             state: ServiceState = app.state.service
