@@ -11,6 +11,8 @@
   AutoBatch probe trains under the same settings.
 * :mod:`.training` runs ``model.train`` with our callbacks and the 16-bit image reader, writes the DDP launch file
   (for checking it offline), and runs Ultralytics' own AutoBatch (the benchmark's peer).
+* :mod:`.trainer_control` (with :mod:`.controlled_trainer`, :mod:`.trainer_edits`) changes the batch of the
+  live trainer: OOM recovery and batch schedules.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from yolo_batch.ultralytics_adapter.settings import (
     determinism,
     model_stride,
 )
+from yolo_batch.ultralytics_adapter.trainer_control import BatchControl
 from yolo_batch.ultralytics_adapter.training import (
     BEFORE_DDP_WRAP,
     DeepImageReader,
@@ -57,6 +60,7 @@ from yolo_batch.ultralytics_adapter.training import (
     WorkerSetup,
     before_wrap_trainer,
     ddp_launch_file,
+    WorkersFailed,
     deep_image_reader,
     train,
     ultralytics_batch_size,
@@ -66,11 +70,13 @@ __all__ = [
     "BEFORE_DDP_WRAP",
     "DEPENDS_ON",
     "SUPPORTED",
+    "BatchControl",
     "DeepImageReader",
     "InferenceNetwork",
     "TrainerCallback",
     "UltralyticsMismatch",
     "WorkerSetup",
+    "WorkersFailed",
     "amp_check",
     "amp_forward_matches",
     "before_wrap_trainer",
