@@ -4,7 +4,7 @@ Ultralytics trains multi-GPU runs only on CUDA devices. This trainer keeps the p
 recovery touches, with the same names and order of events: a DistributedDataParallel model, ``_do_train`` calling
 ``_setup_ddp``/``_setup_train``, the epoch and batch callbacks, ``scaler.scale(loss).backward()``, a validator that
 gathers its results with a collective at the end, ``validate``/``final_eval``. The real
-:func:`~yolo_batch.ultralytics_adapter.trainer_control.controlled_trainer` overrides are mixed into it.
+:func:`~yolo_batch.ultralytics_adapter.controlled_trainer.controlled_trainer` overrides are mixed into it.
 """
 
 from __future__ import annotations
@@ -180,7 +180,8 @@ def train_once(rank: int, folder: Path, name: str, drills: str, epochs: int = 2,
                oom_in_backward: str = "", gradient_timeout: float | None = None) -> dict[str, Any]:
     from yolo_batch.training.batch_change import ScalingRules, TrainingOutOfMemory
     from yolo_batch.training.drills import parse_injection
-    from yolo_batch.ultralytics_adapter.trainer_control import BatchControl, controlled_trainer
+    from yolo_batch.ultralytics_adapter.controlled_trainer import controlled_trainer
+    from yolo_batch.ultralytics_adapter.trainer_control import BatchControl
 
     control = BatchControl(ScalingRules(nominal_batch=64, lr_rule="linear", base_lr0=0.01), accumulate=1, lr0=0.01,
                            bn_policy="train", drills=parse_injection(drills))

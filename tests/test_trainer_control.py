@@ -14,7 +14,7 @@ from yolo_batch import BatchRequest, SizingConfig, TrainConfig
 from yolo_batch.training import run as run_module
 from yolo_batch.training.batch_change import BatchEvent, ScalingRules, TrainingOutOfMemory
 from yolo_batch.training.run_record import DECISION_FILE, RecordWriter, RunRecord
-from yolo_batch.ultralytics_adapter import trainer_control
+from yolo_batch.ultralytics_adapter import controlled_trainer
 from yolo_batch.ultralytics_adapter.trainer_control import BatchControl, GatedScaler
 
 
@@ -87,7 +87,7 @@ def test_the_controller_and_the_trainer_class_travel_into_ddp_workers(shapes_yam
     assert isinstance(restored, BatchControl)
     assert (restored.schedule, restored.drills, restored.record.record) == (schedule, ours.drills, ours.record.record)
     assert all(hooks[0].__self__ is restored for hooks in copy.values())  # one controller per process
-    cls = trainer_control.controlled_trainer(DetectionTrainer)
+    cls = controlled_trainer.controlled_trainer(DetectionTrainer)
     again = cloudpickle.loads(cloudpickle.dumps(cls))
     assert issubclass(again, DetectionTrainer)
     assert again._do_train.__qualname__ == "BatchControlledTrainer._do_train"

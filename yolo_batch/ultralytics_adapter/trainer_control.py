@@ -1,29 +1,19 @@
 """Changing the batch of a live Ultralytics trainer: OOM recovery and batch schedules, one mechanism.
 
-The plans are pure (:mod:`yolo_batch.training.batch_change`); this module carries them out on Ultralytics 8.4's
+The plans are pure (:mod:`yolo_batch.training.batch_change`); three modules carry them out on Ultralytics 8.4's
 ``BaseTrainer``, whose ``_do_train`` is one long loop keeping the step's state in local variables (batches per epoch,
 warmup length, the accumulation warmup ramps to, the last optimizer step). Changing ``train_loader`` under it would
 leave those stale, so a change leaves the loop and runs it again from the same epoch:
 
-* :func:`controlled_trainer` subclasses the task's own trainer, passed the documented way
-  (``model.train(trainer=...)``). Each override wraps the original:
-
-  - ``_do_train``: when the loop ends with a device OOM or a :class:`BatchChangeRequired`, leave the ``except``
-    block (its traceback holds the failed step's frames and tensors), free memory, apply the change, and run the
-    loop again from that epoch. Re-entry recomputes the locals from the new loader: warmup continues where it was
-    (it is measured in epochs) and accumulation ramps to its new value.
-  - ``_setup_train`` / ``_setup_ddp``: on re-entry only set the epoch to start from; the model, optimizer, EMA,
-    scheduler, scaler and process group are kept.
-  - ``run_callbacks``: on re-entry ``on_train_start`` does not run a second time, and the run's start epoch and
-    start time are put back once the loop has read them (epoch counts, NaN recovery and ``time=`` stay right).
-  - ``validate`` / ``final_eval``: an OOM there halves the validation batch (only it) and validates again.
-* :class:`BatchControl`'s callbacks count steps, start schedule phases at epoch boundaries, fire drills
-  (:mod:`yolo_batch.training.drills`) and keep Ultralytics' own first-epoch OOM halving from acting (it halves the
-  batch but keeps the lr0 pinned for the old effective batch): ``_oom_retries`` is set above its limit before every
-  step, so its handler re-raises and this module is the only one that recovers.
-* :class:`GatedScaler` wraps the trainer's gradient scaler: ``scaler.scale(loss)`` is the one call between the
-  forward pass and backward. Drills raise there; the processes of a multi-GPU run vote there
-  (:mod:`yolo_batch.training.rank_vote`).
+* :mod:`.controlled_trainer`: the task's own trainer with a few methods wrapped, passed the documented way
+  (``model.train(trainer=...)``): it leaves and re-enters the loop, and retries validation.
+* this module: :class:`BatchControl`, whose callbacks count steps, start schedule phases at epoch boundaries, fire
+  drills (:mod:`yolo_batch.training.drills`) and keep Ultralytics' own first-epoch OOM halving from acting (it halves
+  the batch but keeps the lr0 pinned for the old effective batch): ``_oom_retries`` is set above its limit before
+  every step, so its handler re-raises and yolo-batch is the only one that recovers. :class:`GatedScaler` wraps the
+  trainer's gradient scaler: ``scaler.scale(loss)`` is the one call between the forward pass and backward; drills
+  raise there and the processes of a multi-GPU run vote there (:mod:`yolo_batch.training.rank_vote`).
+* :mod:`.trainer_edits`: the edits a plan makes to the trainer (loaders, accumulation, lr, weight decay, BatchNorm).
 
 An OOM mid-epoch redoes that epoch at the smaller batch rather than continuing from the failed step: the rebuilt
 loader has another number of batches and a new shuffle, so "the same step" does not exist in it. The optimizer steps
@@ -36,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,15 +44,14 @@ from yolo_batch.training.batch_change import (
     plan_phase,
     plan_val_oom,
 )
-from yolo_batch.training.batchnorm import FreezeBatchNorm
 from yolo_batch.training.drills import InjectionPoint
 from yolo_batch.training.rank_vote import Gathered, LocalVote, RankVote, vote_for
 from yolo_batch.training.schedule import BatchSchedule
+from yolo_batch.ultralytics_adapter.trainer_edits import apply_change, free_device_bytes, free_memory, set_weight_decay
 
 log = logging.getLogger(__name__)
 
 NEVER_RETRY = 1 << 30  # above Ultralytics' first-epoch OOM retry limit (3): its handler then always re-raises
-_DECAYED_GROUPS = frozenset({"weight", "muon"})  # the parameter groups Ultralytics applies weight decay to
 
 
 class BatchChangeRequired(Exception):
@@ -86,13 +74,6 @@ class Failure:
     local: bool  # this process ran out of memory (not told by another, not a schedule boundary)
     agreed: bool  # the processes have voted already
     in_backward: bool = False  # past the step's vote: other processes may be inside the gradient all-reduce
-
-
-@dataclass(frozen=True)
-class _ReEntry:
-    epoch: int  # where the loop starts again
-    start_epoch: int  # the run's own, put back once the loop has read the new one
-    train_time_start: float
 
 
 class GatedScaler:
@@ -121,7 +102,7 @@ class BatchControl:
                  schedule: BatchSchedule | None = None, drills: tuple[InjectionPoint, ...] = (),
                  record: Callable[..., Any] | None = None) -> None:
         self.rules = rules
-        self.start = {"accumulate": accumulate, "lr0": lr0, "bn_policy": bn_policy}
+        self.start_accumulate, self.start_lr0, self.start_bn = accumulate, lr0, bn_policy  # the decision's
         self.recovery = recovery
         self.schedule = schedule
         self.drills = drills
@@ -152,8 +133,8 @@ class BatchControl:
         self.rank = max(RANK, 0)
         self.vote = vote_for(world, trainer.device)
         self.state = BatchState(batch=max(trainer.batch_size // world, 1), world_size=world,
-                                accumulate=self.start["accumulate"], val_batch=trainer.test_loader.batch_size,
-                                lr0=self.start["lr0"], bn_policy=self.start["bn_policy"])
+                                accumulate=self.start_accumulate, val_batch=trainer.test_loader.batch_size,
+                                lr0=self.start_lr0, bn_policy=self.start_bn)
         if trainer.accumulate != self.state.accumulate:
             trainer.accumulate = self.state.accumulate
             set_weight_decay(trainer, self.state.effective_batch)
@@ -311,185 +292,3 @@ def _console(line: str, warning: bool) -> None:
     from ultralytics.utils import LOGGER
 
     (LOGGER.warning if warning else LOGGER.info)(line)
-
-
-# --- applying a plan to the live trainer ------------------------------------------------------------------------------
-
-
-def apply_change(trainer: Any, change: BatchChange) -> None:
-    """Rebuild the loaders whose batch changed and set accumulation, lr, weight decay and BatchNorm to ``change.new``.
-
-    The optimizer, its state, the scheduler, the EMA and the scaler are the same objects before and after.
-    """
-    from ultralytics.utils import LOCAL_RANK
-
-    old, new = change.old, change.new
-    if new.batch != old.batch:
-        _close(trainer.train_loader)
-        trainer.batch_size = trainer.args.batch = new.total_batch
-        trainer.train_loader = trainer.get_dataloader(trainer.data["train"], batch_size=new.batch, rank=LOCAL_RANK,
-                                                      mode="train")
-    if new.val_batch != old.val_batch:
-        _close(trainer.test_loader)
-        trainer.test_loader = trainer.get_dataloader(trainer.data[trainer.args.split], batch_size=new.val_batch,
-                                                     rank=LOCAL_RANK, mode="val")
-        trainer.validator.dataloader = trainer.test_loader
-    trainer.accumulate = new.accumulate
-    if new.lr0 != old.lr0:
-        scale_lr(trainer, new.lr0 / old.lr0)
-    if new.effective_batch != old.effective_batch:
-        set_weight_decay(trainer, new.effective_batch)
-    if new.bn_policy != old.bn_policy:
-        set_bn_policy(trainer, new.bn_policy)
-
-
-def scale_lr(trainer: Any, factor: float) -> None:
-    """Multiply every parameter group's lr0 (what warmup ramps to and the scheduler scales) by ``factor``."""
-    for group in trainer.optimizer.param_groups:
-        group["initial_lr"] *= factor
-    trainer.scheduler.base_lrs = [lr * factor for lr in trainer.scheduler.base_lrs]
-
-
-def set_weight_decay(trainer: Any, effective_batch: int) -> None:
-    """Ultralytics' rule: weight decay scales with the effective batch over the nominal one (its loss is summed)."""
-    decay = trainer.args.weight_decay * effective_batch / trainer.args.nbs
-    for group in trainer.optimizer.param_groups:
-        if group.get("param_group") in _DECAYED_GROUPS:
-            group["weight_decay"] = decay
-
-
-def set_bn_policy(trainer: Any, policy: str) -> None:
-    """Switch between ``freeze`` and ``train`` for the next epoch (``sync`` is never switched mid-run)."""
-    hooks = trainer.callbacks["on_train_batch_start"]
-    hooks[:] = [h for h in hooks if not isinstance(h, FreezeBatchNorm)]
-    if policy == "freeze":
-        hooks.append(FreezeBatchNorm())
-
-
-def free_memory(trainer: Any, phase: str) -> None:
-    """Drop what the failed step left on the trainer, collect garbage and return cached device memory."""
-    if phase == "train":
-        trainer.loss = trainer.loss_items = trainer.tloss = None
-        trainer.optimizer.zero_grad()
-    gc.collect()
-    if trainer.device.type == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
-
-
-def free_device_bytes(trainer: Any) -> int | None:
-    """NVML's free memory on this process's GPU now; None on CPU or where NVML cannot answer."""
-    if trainer.device.type != "cuda":
-        return None
-    from yolo_batch.core.nvml import NvmlUnavailable, read_gpus
-
-    try:
-        return read_gpus([trainer.device.index or 0])[0].free_bytes
-    except NvmlUnavailable as exc:
-        log.debug("no NVML reading for the batch-change record: %s", exc)
-        return None
-
-
-def _close(loader: Any) -> None:
-    if hasattr(loader, "close"):
-        loader.close()  # its workers and prefetched batches
-
-
-# --- the controlled trainer -------------------------------------------------------------------------------------------
-
-_TrainerBase: Any = object  # the task's trainer is mixed in by controlled_trainer()
-
-
-class BatchControlledTrainer(_TrainerBase):
-    """Overrides mixed in over the task's trainer (see the module docstring). Finds its :class:`BatchControl` among
-    the trainer's callbacks."""
-
-    _batch_reentry: _ReEntry | None = None
-
-    def _do_train(self) -> None:
-        control = control_of(self)
-        try:
-            while True:
-                try:
-                    super()._do_train()
-                    return
-                except BaseException as exc:  # classified here, re-raised unless it is a batch change
-                    failure = control.classify(exc, "train")
-                    if failure is None:
-                        raise
-                # Out of the handler: the failed step's frames, and the tensors they held, are gone.
-                epoch = control.recover(self, failure)
-                previous = self._batch_reentry
-                self._batch_reentry = _ReEntry(epoch, previous.start_epoch, previous.train_time_start) \
-                    if previous is not None else _ReEntry(epoch, self.start_epoch, self.train_time_start)
-        finally:
-            control.release(self)
-
-    def _setup_train(self) -> None:
-        if self._batch_reentry is None:
-            super()._setup_train()
-            return
-        self.start_epoch = self._batch_reentry.epoch
-        self.scheduler.last_epoch = self._batch_reentry.epoch - 1  # the epoch's own lr at its first scheduler step
-
-    def _setup_ddp(self) -> None:
-        if self._batch_reentry is None:
-            super()._setup_ddp()
-
-    def run_callbacks(self, event: str) -> None:
-        reentry = self._batch_reentry
-        if reentry is not None:
-            if event == "on_train_start":
-                return  # the run started once
-            if event == "on_train_epoch_start":
-                self.start_epoch, self.train_time_start = reentry.start_epoch, reentry.train_time_start
-                self._batch_reentry = None
-        super().run_callbacks(event)
-
-    def validate(self) -> Any:
-        return self._validating(super().validate)
-
-    def final_eval(self) -> Any:
-        return self._validating(super().final_eval)
-
-    def _validating(self, run: Callable[[], Any]) -> Any:
-        control = control_of(self)
-        while True:
-            try:
-                return run()
-            except BaseException as exc:  # classified here, re-raised unless it is a validation OOM
-                failure = control.classify(exc, "val")
-                if failure is None:
-                    raise
-            control.recover(self, failure)
-
-
-def control_of(trainer: Any) -> BatchControl:
-    """The :class:`BatchControl` registered among ``trainer``'s callbacks."""
-    for hooks in trainer.callbacks.values():
-        for hook in hooks:
-            owner = getattr(hook, "__self__", None)
-            if isinstance(owner, BatchControl):
-                return owner
-    raise RuntimeError("a batch-controlled trainer needs its BatchControl's callbacks")
-
-
-@functools.cache
-def controlled_trainer(base: type) -> type:
-    """``base`` (the task's trainer class) with the :class:`BatchControlledTrainer` overrides.
-
-    Made at run time because Ultralytics is imported lazily; multi-GPU runs pickle it by value (cloudpickle) into
-    the workers, where the same overrides apply.
-    """
-    return type(f"BatchControlled{base.__name__}", (BatchControlledTrainer, base), {})
-
-
-def install(model: Any, control: BatchControl) -> type:
-    """Register ``control``'s callbacks on ``model``; returns the trainer class to pass to ``model.train``."""
-    for event, callback in control.callbacks():
-        model.add_callback(event, callback)
-    return controlled_trainer(model.task_map[model.task]["trainer"])
-
-
-__all__ = ["BatchChangeRequired", "BatchControl", "GatedScaler", "apply_change", "controlled_trainer", "install"]

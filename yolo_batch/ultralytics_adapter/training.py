@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from yolo_batch.errors import YoloBatchError
+from yolo_batch.ultralytics_adapter.controlled_trainer import install
 from yolo_batch.ultralytics_adapter.session import (
     hold_offline_for_process,
     offline,
     quiet,
 )
-from yolo_batch.ultralytics_adapter.trainer_control import BatchControl, install
+from yolo_batch.ultralytics_adapter.trainer_control import BatchControl
 
 Window = tuple[float, float]
 TrainerCallback = tuple[str, Callable[[Any], None]]  # (Ultralytics event name, callback(trainer))
