@@ -227,7 +227,8 @@ class BatchControl:
         event = event_for(change, epoch=failure.epoch, step=failure.step, free_bytes=seen.free_bytes,
                           ranks=seen.ranks)
         self.events.append(event)
-        _console(event.line(), warning=event.kind == "oom")
+        if self.rank == 0:
+            _console(event.line(), warning=event.kind == "oom")
         self._write(trainer, events=tuple(self.events))
         return failure.epoch
 
