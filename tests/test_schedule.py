@@ -119,3 +119,20 @@ def test_a_bad_drill_exits_2_before_anything_is_written(tmp_path, monkeypatch):
     assert result.output.strip().splitlines() == [
         f"Error: {ENV}: epoch must be a whole number >= 0, got 'two' in 'train:epoch=two'"]
     assert not (tmp_path / "p").exists()
+
+
+def test_train_options_reach_the_library(monkeypatch, tmp_path):
+    from yolo_batch.training import run
+
+    seen = []
+
+    def fake_train(config, on_decision=None):
+        seen.append(config)
+        raise InputError("stop here")
+
+    monkeypatch.setattr(run, "train", fake_train)
+    result = CliRunner().invoke(main, ["train", "--batch-schedule", "8@0,16@2", "--no-oom-recovery"])
+    assert result.exit_code == 2 and "stop here" in result.output
+    assert seen[0].batch_schedule == ScheduleRequest.parse("8@0,16@2") and seen[0].oom_recovery is False
+    CliRunner().invoke(main, ["train"])
+    assert seen[1].batch_schedule is None and seen[1].oom_recovery is True

@@ -140,3 +140,22 @@ def test_a_worker_that_gave_up_is_one_line_in_the_launching_process(shapes_yaml,
     with pytest.raises(TrainingOutOfMemory) as info:
         run_module.train(tiny(shapes_yaml, tmp_path))
     assert str(info.value) == line
+
+
+def test_free_memory_for_the_record_comes_from_nvml_on_the_process_gpu(monkeypatch):
+    from yolo_batch.core import nvml
+    from yolo_batch.ultralytics_adapter.trainer_edits import free_device_bytes
+
+    asked = []
+
+    def read_gpus(indices):
+        asked.append(list(indices))
+        if indices == [3]:
+            raise nvml.NvmlUnavailable("NVML could not start")
+        return [SimpleNamespace(free_bytes=5 << 30)]
+
+    monkeypatch.setattr(nvml, "read_gpus", read_gpus)
+    assert free_device_bytes(SimpleNamespace(device=torch.device("cuda", 1))) == 5 << 30
+    assert free_device_bytes(SimpleNamespace(device=torch.device("cuda", 3))) is None  # where NVML cannot answer
+    assert free_device_bytes(SimpleNamespace(device=torch.device("cpu"))) is None
+    assert asked == [[1], [3]]
