@@ -159,3 +159,15 @@ def test_free_memory_for_the_record_comes_from_nvml_on_the_process_gpu(monkeypat
     assert free_device_bytes(SimpleNamespace(device=torch.device("cuda", 3))) is None  # where NVML cannot answer
     assert free_device_bytes(SimpleNamespace(device=torch.device("cpu"))) is None
     assert asked == [[1], [3]]
+
+
+def test_the_gated_scaler_is_the_scaler_with_a_gate_before_scale():
+    import copy
+
+    calls = []
+    inner = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = GatedScaler(inner, lambda: calls.append("gate"))
+    loss = torch.tensor(2.0)
+    assert torch.equal(scaler.scale(loss), inner.scale(loss))
+    assert calls == ["gate"] and scaler.state_dict() == inner.state_dict()
+    assert isinstance(copy.copy(scaler), GatedScaler)  # copying does not recurse through __getattr__

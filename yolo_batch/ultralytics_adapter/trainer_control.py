@@ -88,6 +88,8 @@ class GatedScaler:
         return self.inner.scale(outputs)
 
     def __getattr__(self, name: str) -> Any:  # unscale_, step, update, state_dict, ...
+        if name in ("inner", "gate"):  # not set yet (a copy being built): no recursion through __getattr__
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 
