@@ -25,10 +25,10 @@ from yolo_batch.training.config import (
 )
 from yolo_batch.training.data import DatasetInfo, inspect_dataset, resolve_data
 from yolo_batch.training.decision import AutoBatchDecision
-from yolo_batch.training.settings import MEMORY_ARGS
 from yolo_batch.training.drills import injection_from_environment
 from yolo_batch.training.run_record import DECISION_FILE, RecordWriter, RunRecord
 from yolo_batch.training.schedule import EpochSchedule, resolve_schedule
+from yolo_batch.training.settings import MEMORY_ARGS
 
 log = logging.getLogger(__name__)
 

@@ -90,7 +90,8 @@ OBJECT_ATTRIBUTES: tuple[Dependency, ...] = (
     Dependency("YOLO.ckpt", "whether the model came from a .pt (its weights go into the probe's model)",
                private=True),
     Dependency("YOLO.model.stride", "the grid multi_scale sizes are rounded to"),
-    Dependency("YOLO.task_map", "the task's trainer class, extended for the before-DDP-wrap hook and the controlled trainer"),
+    Dependency("YOLO.task_map", "the task's trainer class, extended for the before-DDP-wrap hook and the "
+                                "controlled trainer"),
     # Read or set when the batch changes during training (trainer_control.py); checked on a live trainer by
     # tests/test_oom_recovery.py. Each "BaseTrainer.X" is one attribute (dotted: an attribute of it).
     Dependency("BaseTrainer.batch_size", "the total batch, set at a change", private=True),
