@@ -171,3 +171,28 @@ def test_the_gated_scaler_is_the_scaler_with_a_gate_before_scale():
     assert torch.equal(scaler.scale(loss), inner.scale(loss))
     assert calls == ["gate"] and scaler.state_dict() == inner.state_dict()
     assert isinstance(copy.copy(scaler), GatedScaler)  # copying does not recurse through __getattr__
+
+
+def test_the_controlled_trainer_composes_with_the_before_wrap_hook():
+    """--bn sync on several GPUs needs the before-DDP-wrap trainer too: both sets of overrides apply."""
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    from yolo_batch.ultralytics_adapter.training import BeforeWrapHook, before_wrap_trainer
+
+    both = before_wrap_trainer(controlled_trainer.controlled_trainer(DetectionTrainer))
+    assert both.setup_model is BeforeWrapHook.setup_model
+    assert both._do_train is controlled_trainer.BatchControlledTrainer._do_train
+    assert both.validate is controlled_trainer.BatchControlledTrainer.validate
+    assert issubclass(both, DetectionTrainer)
+
+
+@pytest.mark.parametrize("module", [
+    "yolo_batch.training.batchnorm", "yolo_batch.training.batch_change", "yolo_batch.training.run",
+    "yolo_batch.ultralytics_adapter.trainer_control", "yolo_batch.ultralytics_adapter.controlled_trainer",
+])
+def test_each_module_imports_first_without_a_cycle(module):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

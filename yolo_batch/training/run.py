@@ -29,6 +29,7 @@ from yolo_batch.training.drills import injection_from_environment
 from yolo_batch.training.run_record import DECISION_FILE, RecordWriter, RunRecord
 from yolo_batch.training.schedule import EpochSchedule, resolve_schedule
 from yolo_batch.training.settings import MEMORY_ARGS
+from yolo_batch.ultralytics_adapter.trainer_control import BatchControl
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def train(
     if on_decision is not None:
         on_decision(decision)
     writer = RecordWriter(RunRecord(decision, schedule=schedule.phases if schedule else (), autobatch_limit=limit))
-    control = ultralytics_adapter.BatchControl(
+    control = BatchControl(
         rules_for(decision, config.sizing), accumulate=decision.accumulate, lr0=decision.lr0_after,
         bn_policy=decision.bn_policy or BnPolicy.TRAIN.value, recovery=config.oom_recovery, schedule=schedule,
         drills=drills, record=writer)

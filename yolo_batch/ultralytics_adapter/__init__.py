@@ -52,7 +52,6 @@ from yolo_batch.ultralytics_adapter.settings import (
     determinism,
     model_stride,
 )
-from yolo_batch.ultralytics_adapter.trainer_control import BatchControl
 from yolo_batch.ultralytics_adapter.training import (
     BEFORE_DDP_WRAP,
     DeepImageReader,
@@ -70,7 +69,6 @@ __all__ = [
     "BEFORE_DDP_WRAP",
     "DEPENDS_ON",
     "SUPPORTED",
-    "BatchControl",
     "DeepImageReader",
     "InferenceNetwork",
     "TrainerCallback",

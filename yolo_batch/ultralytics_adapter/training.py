@@ -17,16 +17,17 @@ import functools
 import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from yolo_batch.errors import YoloBatchError
-from yolo_batch.ultralytics_adapter.controlled_trainer import install
 from yolo_batch.ultralytics_adapter.session import (
     hold_offline_for_process,
     offline,
     quiet,
 )
-from yolo_batch.ultralytics_adapter.trainer_control import BatchControl
+
+if TYPE_CHECKING:  # imported when training starts: trainer_control imports training/, which imports this module
+    from yolo_batch.ultralytics_adapter.trainer_control import BatchControl
 
 Window = tuple[float, float]
 TrainerCallback = tuple[str, Callable[[Any], None]]  # (Ultralytics event name, callback(trainer))
@@ -58,6 +59,8 @@ def train(model: Any, overrides: Mapping[str, Any], *, callbacks: Sequence[Train
     Raises:
         WorkersFailed: a multi-GPU run's workers failed (what they recorded is in the run folder).
     """
+    from yolo_batch.ultralytics_adapter.controlled_trainer import install
+
     setup = WorkerSetup(image_window)
     model.add_callback(setup.event, setup)
     trainer_class = install(model, control) if control is not None else None
