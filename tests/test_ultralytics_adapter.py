@@ -70,6 +70,23 @@ def test_the_object_attributes_we_read_are_still_where_ultralytics_sets_them():
         assert hasattr(net, attribute), attribute
 
 
+def test_ultralytics_first_epoch_oom_halving_is_still_gated_by_the_counter_we_set():
+    """trainer_control keeps Ultralytics' own OOM halving from acting by setting ``_oom_retries`` above this limit
+    before each step; if Ultralytics changes the condition, recovery could run twice."""
+    ua.import_ultralytics()
+    import inspect
+
+    from ultralytics.engine.trainer import BaseTrainer
+
+    from yolo_batch.ultralytics_adapter.trainer_control import NEVER_RETRY
+
+    source = inspect.getsource(BaseTrainer._do_train)
+    assert "if epoch > self.start_epoch or self._oom_retries >= 3 or RANK != -1:\n" in source
+    assert "raise  # only auto-reduce" in source and NEVER_RETRY >= 3
+    assert "if self._oom_retries and not self.stop:" in source  # reset to 0 when an epoch completes
+    assert "self.scaler.scale(self.loss).backward()" in source  # the gate sits in scale()
+
+
 def _patched_state():
     from ultralytics.data import utils as data_utils
     from ultralytics.engine import trainer

@@ -73,13 +73,31 @@ def build_train_config(opts: dict[str, Any], project: str | None = None, name: s
 @sizing_options
 @click.option("--project", default=None, help="Ultralytics project folder (runs/detect by default).")
 @click.option("--name", default=None, help="Run name inside the project folder.")
+@click.option("--batch-schedule", default=None, metavar="B@E,...|auto",
+              help="Grow the batch during training: '16@0,32@10,64@20' (total batch from that epoch, counted from "
+                   "0; each phase's effective batch, lr0 scaled by --lr-scaling) or 'auto' (a quarter of the "
+                   "AutoBatch limit, doubled at 25 % and 50 % of the epochs).")
+@click.option("--no-oom-recovery", is_flag=True,
+              help="Stop on a GPU out-of-memory error instead of stepping the batch down (accumulation keeps the "
+                   "effective batch) and going on from the same epoch.")
 @command
-def train(project: str | None, name: str | None, **opts: Any) -> None:
-    """Train with an AutoBatch decision (printed, and saved as autobatch.json in the run folder)."""
+def train(project: str | None, name: str | None, batch_schedule: str | None, no_oom_recovery: bool,
+          **opts: Any) -> None:
+    """Train with an AutoBatch decision (printed, and saved as autobatch.json in the run folder).
+
+    A GPU out-of-memory error during training or validation steps the batch down and goes on (each change is an
+    event in autobatch.json); YOLO_BATCH_INJECT_OOM="train:epoch=2,step=3" rehearses one (see the README).
+    """
+    import dataclasses
+
     from yolo_batch.render import print_decision
     from yolo_batch.training.run import train as run_training
+    from yolo_batch.training.schedule import ScheduleRequest
 
-    result = run_training(build_train_config(opts, project, name), on_decision=print_decision)
+    schedule = ScheduleRequest.parse(batch_schedule) if batch_schedule is not None else None
+    config = dataclasses.replace(build_train_config(opts, project, name), batch_schedule=schedule,
+                                 oom_recovery=not no_oom_recovery)
+    result = run_training(config, on_decision=print_decision)
     click.echo(f"run folder: {result.save_dir}")
     click.echo(f"decision:   {result.decision_path}")
     if result.weights is not None:

@@ -39,6 +39,8 @@ from yolo_batch.training.settings import MEMORY_ARGS, TrainerSettings, resolve_t
 
 log = logging.getLogger(__name__)
 
+FIXED_REASON = "batch set by the user"
+
 
 class BudgetTooSmall(YoloBatchError):
     """Not even batch 1 fits the memory budget."""
@@ -120,7 +122,7 @@ def estimate_batch(
     if fixed is not None:
         if fixed % devices.world_size:
             raise InputError(f"batch {fixed} must be a multiple of the {devices.world_size} GPUs")
-        return request.decide(fixed // devices.world_size, "fixed", reasons=("batch set by the user",))
+        return request.decide(fixed // devices.world_size, "fixed", reasons=(FIXED_REASON,))
     if devices.is_cpu:
         why = "no CUDA GPU found" if config.device is None else "device is CPU"
         return request.fall_back(f"{why}: AutoBatch sizes GPU memory, so {request.default_text} is used")
@@ -284,7 +286,7 @@ def _decide(
     scale = plan_scaling(
         batch=batch, world_size=devices.world_size, nominal_batch=config.nominal_batch, optimizer=config.optimizer,
         lr0=config.lr0, momentum=config.momentum, rule=config.lr_scaling, n_train=info.train_images,
-        epochs=config.epochs, nc=info.nc,
+        epochs=config.epochs, nc=info.nc, accumulate_to=config.accumulate_to,
     )
     notes = list(reasons) + list(settings.reasons if settings is not None else ())
     if source != "fixed" and config.max_batch is not None:

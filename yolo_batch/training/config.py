@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from yolo_batch.core.checks import (
     check_count,
@@ -24,6 +24,9 @@ from yolo_batch.core.checks import (
 from yolo_batch.core.devices import DEFAULT_MEMORY_FRACTION
 from yolo_batch.core.models import DEFAULT_MODEL
 from yolo_batch.errors import InputError
+
+if TYPE_CHECKING:
+    from yolo_batch.training.schedule import ScheduleRequest
 
 # Ultralytics train arguments yolo-batch sets itself, and where the user sets them instead of passing them through.
 RESERVED_TRAIN_ARGS: Mapping[str, str] = MappingProxyType({
@@ -122,6 +125,7 @@ class SizingConfig:
     # Pass-through train arguments that change memory (multi_scale, freeze, compile, channels_last, deterministic,
     # seed, amp='bf16'): the probe trains under them and the cache is keyed on them. Ultralytics still gets them.
     trainer_args: Mapping[str, Any] = field(default_factory=dict)
+    accumulate_to: int | None = None  # the effective batch gradients accumulate to; None: the nominal batch
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "trainer_args", MappingProxyType(dict(self.trainer_args)))
@@ -131,6 +135,7 @@ class SizingConfig:
         check_count(self.fallback_batch, "fallback batch")
         check_number(self.lr0, "lr0", positive=True)
         check_optional_count(self.max_batch, "max batch")
+        check_optional_count(self.accumulate_to, "the batch to accumulate to")
 
     @property
     def starts_from_weights(self) -> bool:
@@ -148,9 +153,16 @@ class TrainConfig:
     extra: Mapping[str, Any] = field(default_factory=dict)
     image_window: tuple[float, float] | None = None  # 16-bit/float intensity window; None: each image's min-max
     rect: bool | None = False  # rectangular batches; None: where the training images are not square (rect: auto)
+    batch_schedule: ScheduleRequest | None = None  # --batch-schedule; None: one batch for the whole run
+    oom_recovery: bool = True  # step the batch down on a device OOM during training (--no-oom-recovery: stop)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
+        if self.batch_schedule is not None and self.sizing.batch.fixed is not None:
+            raise InputError(f"--batch-schedule sets the batch: drop --batch {self.sizing.batch.fixed}")
+        if self.batch_schedule is not None and not self.batch_schedule.is_auto \
+                and self.sizing.batch.fraction != DEFAULT_MEMORY_FRACTION:
+            raise InputError("a memory fraction (--batch 0.x) applies to --batch-schedule auto only")
         if self.image_window is not None:
             try:
                 object.__setattr__(self, "image_window", check_window(self.image_window))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -13,20 +14,25 @@ from typing import Any
 from yolo_batch import ultralytics_adapter
 from yolo_batch.errors import InputError
 from yolo_batch.training import batchnorm
-from yolo_batch.training.autobatch import GpuBackend, estimate_batch
+from yolo_batch.training.autobatch import FIXED_REASON, GpuBackend, estimate_batch
+from yolo_batch.training.batch_change import BatchEvent, ScalingRules, TrainingOutOfMemory
 from yolo_batch.training.config import (
     RESERVED_TRAIN_ARGS,
+    BatchRequest,
     BnPolicy,
     SizingConfig,
     TrainConfig,
 )
 from yolo_batch.training.data import DatasetInfo, inspect_dataset, resolve_data
 from yolo_batch.training.decision import AutoBatchDecision
+from yolo_batch.training.drills import injection_from_environment
+from yolo_batch.training.run_record import DECISION_FILE, RecordWriter, RunRecord
+from yolo_batch.training.schedule import EpochSchedule, resolve_schedule
 from yolo_batch.training.settings import MEMORY_ARGS
+from yolo_batch.ultralytics_adapter.trainer_control import BatchControl
 
 log = logging.getLogger(__name__)
 
-DECISION_FILE = "autobatch.json"
 # Pass-through keys that decide the batch and its consequences: lifted into the typed sizing config.
 _LIFTED = {"optimizer": str, "lr0": float, "momentum": float}
 
@@ -37,7 +43,8 @@ class TrainResult:
     decision: AutoBatchDecision
     decision_path: Path
     weights: Path | None
-    accumulate: int | None  # what the trainer actually used, for checking against the decision
+    accumulate: int | None  # what the trainer set up before epoch 1, for checking against the decision
+    events: tuple[BatchEvent, ...] = ()  # batch changes during training (read back from autobatch.json)
 
 
 def split_train_args(sizing: SizingConfig, extra: Mapping[str, Any]) -> tuple[SizingConfig, dict[str, Any]]:
@@ -109,40 +116,80 @@ def train(
     nvml: ModuleType | None = None,
     callbacks: Sequence[ultralytics_adapter.TrainerCallback] = (),
 ) -> TrainResult:
-    """Decide the batch, then train; ``autobatch.json`` is written into the run folder before epoch 1.
+    """Decide the batch, then train; ``autobatch.json`` is written into the run folder before epoch 1 and after
+    every batch change (OOM recovery, schedule phase).
 
     ``callbacks``: more Ultralytics callbacks, registered after ours (a benchmark's co-tenant, a user's own).
 
     Raises:
-        InputError: bad model, data, device, batch or pass-through argument (nothing is written).
+        InputError: bad model, data, device, batch, schedule, drill or pass-through argument (nothing is written).
+        TrainingOutOfMemory: an OOM training could not recover from (the run folder keeps the last checkpoint).
     """
+    drills = injection_from_environment()  # parsed once, before anything runs
     sizing, extra = split_train_args(config.sizing, config.extra)
     data = resolve_data(sizing.data)
     info = inspect_dataset(data)
     rect, rect_reason = rect_batches(config.rect, extra, info)
     config = dataclasses.replace(config, sizing=sizing, extra={**extra, **rect})
     model = ultralytics_adapter.load_model(sizing.model)
-    decision = estimate_batch(dataclasses.replace(sizing, data=data), backend=backend, nvml=nvml, model=model,
-                              dataset=info)
+    decision, schedule, limit = _start(config, data, info, model, backend, nvml)
     if rect_reason is not None:
         decision = dataclasses.replace(decision, reasons=(*decision.reasons, rect_reason))
     if on_decision is not None:
         on_decision(decision)
-    seen: dict[str, Any] = {}
-
-    def write_decision(trainer: Any) -> None:
-        seen["accumulate"] = trainer.accumulate
-        decision.save(Path(trainer.save_dir) / DECISION_FILE)
-
-    ours: list[ultralytics_adapter.TrainerCallback] = [("on_pretrain_routine_end", write_decision)]
+    writer = RecordWriter(RunRecord(decision, schedule=schedule.phases if schedule else (), autobatch_limit=limit))
+    control = BatchControl(
+        rules_for(decision, config.sizing), accumulate=decision.accumulate, lr0=decision.lr0_after,
+        bn_policy=decision.bn_policy or BnPolicy.TRAIN.value, recovery=config.oom_recovery, schedule=schedule,
+        drills=drills, record=writer)
+    ours: list[ultralytics_adapter.TrainerCallback] = []
     if decision.bn_policy is not None:
         ours += [(c.event, c) for c in batchnorm.callbacks_for(BnPolicy(decision.bn_policy))]
-    trainer = ultralytics_adapter.train(model, ultralytics_overrides(config, decision, data),
-                                        callbacks=[*ours, *callbacks], image_window=config.image_window)
+    try:
+        trainer = ultralytics_adapter.train(model, ultralytics_overrides(config, decision, data),
+                                            callbacks=[*ours, *callbacks], image_window=config.image_window,
+                                            control=control)
+    except ultralytics_adapter.WorkersFailed as failed:  # what the workers recorded says why
+        path = failed.save_dir / DECISION_FILE
+        stopped = RunRecord.load(path).stopped if path.exists() else None
+        if stopped is not None:
+            raise TrainingOutOfMemory(stopped) from None
+        raise
     save_dir = Path(trainer.save_dir)
     decision_path = save_dir / DECISION_FILE
-    if not decision_path.exists():  # DDP runs its callbacks in the worker processes
-        decision.save(decision_path)
+    if not decision_path.exists():  # training ended before its setup finished: the decision still goes on record
+        writer(save_dir)
+    record = RunRecord.load(decision_path)  # rank 0 wrote it, in this process or in a DDP worker
     best = save_dir / "weights" / "best.pt"
     return TrainResult(save_dir=save_dir, decision=decision, decision_path=decision_path,
-                       weights=best if best.exists() else None, accumulate=seen.get("accumulate"))
+                       weights=best if best.exists() else None, accumulate=record.trainer_accumulate,
+                       events=record.events)
+
+
+def _start(config: TrainConfig, data: Path, info: DatasetInfo, model: Any, backend: GpuBackend | None,
+           nvml: ModuleType | None) -> tuple[AutoBatchDecision, EpochSchedule | None, AutoBatchDecision | None]:
+    """The decision training starts with, the resolved schedule, and (``--batch-schedule auto``) the AutoBatch
+    decision whose limit the schedule grows toward."""
+    sizing = dataclasses.replace(config.sizing, data=data)
+    estimate = functools.partial(estimate_batch, backend=backend, nvml=nvml, model=model, dataset=info)
+    request = config.batch_schedule
+    if request is None:
+        return estimate(sizing), None, None
+    limit = estimate(sizing) if request.is_auto else None
+    schedule = None
+    if limit is not None:
+        schedule = resolve_schedule(request, epochs=sizing.epochs, world_size=limit.world_size, limit=limit.batch,
+                                    rounding=sizing.rounding)
+    first = schedule.phases[0].batch if schedule is not None else request.phases[0].batch
+    start = estimate(dataclasses.replace(sizing, batch=BatchRequest(fixed=first), accumulate_to=first))
+    if schedule is None:
+        schedule = resolve_schedule(request, epochs=sizing.epochs, world_size=start.world_size, limit=start.batch,
+                                    rounding=sizing.rounding)
+    reasons = tuple(schedule.reason if r == FIXED_REASON else r for r in start.reasons)
+    return dataclasses.replace(start, source="schedule", reasons=reasons), schedule, limit
+
+
+def rules_for(decision: AutoBatchDecision, sizing: SizingConfig) -> ScalingRules:
+    """What every batch change of this run follows: the decision's nominal batch, lr rule and base lr0."""
+    return ScalingRules(nominal_batch=decision.nominal_batch, lr_rule=decision.lr_rule, base_lr0=decision.lr0_before,
+                        rounding=sizing.rounding, bn_requested=sizing.bn, from_weights=sizing.starts_from_weights)

@@ -79,14 +79,16 @@ def plan_scaling(
     n_train: int | None,
     epochs: int,
     nc: int,
+    accumulate_to: int | None = None,
 ) -> TrainingScale:
     """Derive accumulation, effective batch and lr0 for a per-device ``batch``.
 
-    When lr0 must change and the optimizer is ``auto``, the optimizer Ultralytics would pick is
-    pinned (with its lr0 and momentum), because ``optimizer=auto`` ignores lr0.
+    Gradients accumulate to ``accumulate_to`` (default: the nominal batch); lr0 is scaled relative to the
+    nominal batch either way. When lr0 must change and the optimizer is ``auto``, the optimizer Ultralytics
+    would pick is pinned (with its lr0 and momentum), because ``optimizer=auto`` ignores lr0.
     """
     total = batch * world_size
-    accumulate = accumulate_for(total, nominal_batch, n_train, epochs, world_size)
+    accumulate = accumulate_for(total, accumulate_to or nominal_batch, n_train, epochs, world_size)
     effective = total * accumulate
     name, base_lr, base_momentum = optimizer, lr0, momentum
     auto = optimizer.lower() == "auto"

@@ -11,6 +11,8 @@
   AutoBatch probe trains under the same settings.
 * :mod:`.training` runs ``model.train`` with our callbacks and the 16-bit image reader, writes the DDP launch file
   (for checking it offline), and runs Ultralytics' own AutoBatch (the benchmark's peer).
+* :mod:`.trainer_control` (with :mod:`.controlled_trainer`, :mod:`.trainer_edits`) changes the batch of the
+  live trainer: OOM recovery and batch schedules.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from yolo_batch.ultralytics_adapter.training import (
     DeepImageReader,
     TrainerCallback,
     WorkerSetup,
+    WorkersFailed,
     before_wrap_trainer,
     ddp_launch_file,
     deep_image_reader,
@@ -71,6 +74,7 @@ __all__ = [
     "TrainerCallback",
     "UltralyticsMismatch",
     "WorkerSetup",
+    "WorkersFailed",
     "amp_check",
     "amp_forward_matches",
     "before_wrap_trainer",

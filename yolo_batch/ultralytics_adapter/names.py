@@ -64,6 +64,21 @@ DEPENDS_ON: tuple[Dependency, ...] = (
     Dependency("ultralytics.utils.dist.generate_ddp_file",
                "the DDP launch file (cloudpickle), checked offline by tests", private=True),
     Dependency("ultralytics.utils.dist.ddp_cleanup", "removing that launch file after the check", private=True),
+    Dependency("ultralytics.utils.RANK", "which process of a multi-GPU run records batch changes and fires drills",
+               private=True),
+    Dependency("ultralytics.utils.LOCAL_RANK", "rebuilding a loader for a DDP worker's share of the data",
+               private=True),
+    Dependency("ultralytics.utils.LOGGER", "one line per batch change in the trainer's own output"),
+    # The controlled trainer (trainer_control.py) wraps these methods of the task's trainer.
+    Dependency("ultralytics.engine.trainer.BaseTrainer._do_train", "leaving and re-entering the training loop at "
+               "a batch change", private=True),
+    Dependency("ultralytics.engine.trainer.BaseTrainer._setup_train", "skipped on re-entry", private=True),
+    Dependency("ultralytics.engine.trainer.BaseTrainer._setup_ddp", "skipped on re-entry", private=True),
+    Dependency("ultralytics.engine.trainer.BaseTrainer.run_callbacks", "on_train_start once; start epoch put back"),
+    Dependency("ultralytics.engine.trainer.BaseTrainer.validate", "validation OOMs shrink the validation batch"),
+    Dependency("ultralytics.engine.trainer.BaseTrainer.final_eval", "validation OOMs in the final evaluation"),
+    Dependency("ultralytics.models.yolo.detect.DetectionTrainer.get_dataloader", "rebuilding a loader at a new "
+               "batch"),
 )
 
 # Attributes of objects Ultralytics returns, read by yolo-batch (checked by tests that build the objects).
@@ -75,7 +90,37 @@ OBJECT_ATTRIBUTES: tuple[Dependency, ...] = (
     Dependency("YOLO.ckpt", "whether the model came from a .pt (its weights go into the probe's model)",
                private=True),
     Dependency("YOLO.model.stride", "the grid multi_scale sizes are rounded to"),
-    Dependency("YOLO.task_map", "the task's trainer class, extended for the before-DDP-wrap hook"),
+    Dependency("YOLO.task_map", "the task's trainer class, extended for the before-DDP-wrap hook and the "
+                                "controlled trainer"),
+    # Read or set when the batch changes during training (trainer_control.py); checked on a live trainer by
+    # tests/test_oom_recovery.py. Each "BaseTrainer.X" is one attribute (dotted: an attribute of it).
+    Dependency("BaseTrainer.batch_size", "the total batch, set at a change", private=True),
+    Dependency("BaseTrainer.args.batch", "the total batch in checkpoints, set at a change"),
+    Dependency("BaseTrainer.args.nbs", "the nominal batch of Ultralytics' weight-decay rule"),
+    Dependency("BaseTrainer.args.weight_decay", "weight decay before scaling"),
+    Dependency("BaseTrainer.args.split", "the split the validation loader reads"),
+    Dependency("BaseTrainer.data", "the dataset paths a rebuilt loader reads", private=True),
+    Dependency("BaseTrainer.train_loader", "rebuilt at a new batch", private=True),
+    Dependency("BaseTrainer.test_loader", "rebuilt at a new validation batch", private=True),
+    Dependency("BaseTrainer.validator.dataloader", "the validation loader the validator reads", private=True),
+    Dependency("BaseTrainer.validator.gather_stats", "a multi-GPU vote before validation results are gathered",
+               private=True),
+    Dependency("BaseTrainer.optimizer.param_groups", "initial_lr, weight_decay and the param_group name",
+               private=True),
+    Dependency("BaseTrainer.scheduler.base_lrs", "lr0 scaled at a schedule phase", private=True),
+    Dependency("BaseTrainer.scheduler.last_epoch", "the epoch a re-entered loop starts from", private=True),
+    Dependency("BaseTrainer.scaler", "wrapped: scale(loss) is the gate between forward and backward", private=True),
+    Dependency("BaseTrainer.start_epoch", "the epoch a re-entered loop starts from", private=True),
+    Dependency("BaseTrainer.train_time_start", "kept across a re-entry (time= runs)", private=True),
+    Dependency("BaseTrainer.epoch", "where a batch change happened"),
+    Dependency("BaseTrainer.world_size", "processes of the run"),
+    Dependency("BaseTrainer.device", "where memory is freed and measured"),
+    Dependency("BaseTrainer.loss", "dropped after a failed step (with loss_items and tloss)", private=True),
+    Dependency("BaseTrainer.ema", "kept across a change", private=True),
+    Dependency("BaseTrainer.callbacks", "the BatchNorm freeze callback switched at a change", private=True),
+    Dependency("BaseTrainer.last", "the checkpoint named when training gives up"),
+    Dependency("BaseTrainer._oom_retries", "set above Ultralytics' limit before each step so its own first-epoch "
+               "OOM halving never acts", private=True),
     Dependency("DetectionModel.loss", "the probe's real detection loss"),
     Dependency("DetectionModel.fuse", "Conv+BN fusion for inference, as the predictor does"),
     Dependency("DetectionModel.stride / names / end2end", "letterbox stride, class names, NMS-free heads"),

@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from yolo_batch.errors import YoloBatchError
 from yolo_batch.ultralytics_adapter.session import (
     hold_offline_for_process,
     offline,
     quiet,
 )
+
+if TYPE_CHECKING:  # imported when training starts: trainer_control imports training/, which imports this module
+    from yolo_batch.ultralytics_adapter.trainer_control import BatchControl
 
 Window = tuple[float, float]
 TrainerCallback = tuple[str, Callable[[Any], None]]  # (Ultralytics event name, callback(trainer))
@@ -33,23 +38,41 @@ BEFORE_DDP_WRAP = "yolo_batch_before_ddp_wrap"
 _DEEP_SUFFIXES = (".png", ".tif", ".tiff")  # the formats that carry more than 8 bits per sample in practice
 
 
+class WorkersFailed(YoloBatchError):
+    """The worker processes of a multi-GPU run exited with an error (their output is above it)."""
+
+    def __init__(self, save_dir: Path, returncode: int) -> None:
+        super().__init__(f"multi-GPU training failed (worker exit code {returncode}); its output is above")
+        self.save_dir = save_dir
+        self.returncode = returncode
+
+
 def train(model: Any, overrides: Mapping[str, Any], *, callbacks: Sequence[TrainerCallback] = (),
-          image_window: Window | None = None) -> Any:
+          image_window: Window | None = None, control: BatchControl | None = None) -> Any:
     """Run ``model.train(**overrides)`` with ``callbacks`` registered, offline, reading 16-bit images by their range
-    (or ``image_window``).
+    (or ``image_window``); with ``control``, on a trainer whose batch can change during training
+    (:mod:`.trainer_control`: OOM recovery, batch schedules).
 
     Returns:
         The trainer, whose ``save_dir`` holds the run.
+
+    Raises:
+        WorkersFailed: a multi-GPU run's workers failed (what they recorded is in the run folder).
     """
+    from yolo_batch.ultralytics_adapter.controlled_trainer import install
+
     setup = WorkerSetup(image_window)
     model.add_callback(setup.event, setup)
+    trainer_class = install(model, control) if control is not None else None
     for event, callback in callbacks:
         model.add_callback(event, callback)
-    with offline(), deep_image_reader(image_window):
-        trainer_class = None
-        if any(event == BEFORE_DDP_WRAP for event, _ in callbacks):
-            trainer_class = before_wrap_trainer(model.task_map[model.task]["trainer"])
-        model.train(trainer=trainer_class, **dict(overrides))
+    try:
+        with offline(), deep_image_reader(image_window):
+            if any(event == BEFORE_DDP_WRAP for event, _ in callbacks):
+                trainer_class = before_wrap_trainer(trainer_class or model.task_map[model.task]["trainer"])
+            model.train(trainer=trainer_class, **dict(overrides))
+    except subprocess.CalledProcessError as exc:  # Ultralytics' DDP launcher: the workers failed
+        raise WorkersFailed(Path(model.trainer.save_dir), exc.returncode) from None
     return model.trainer
 
 
