@@ -26,9 +26,10 @@ def state(batch=16, accumulate=4, world_size=1, val_batch=32, lr0=0.01, bn="trai
                       bn_policy=bn, max_batch=max_batch)
 
 
-def rules(rounding=Rounding.POW2, rule="linear", base=0.01, nominal=64, bn=BnPolicy.AUTO, weights=False):
+def rules(rounding=Rounding.POW2, rule="linear", base=0.01, nominal=64, bn=BnPolicy.AUTO, weights=False,
+          optimizer="SGD"):
     return ScalingRules(nominal_batch=nominal, lr_rule=rule, base_lr0=base, rounding=rounding, bn_requested=bn,
-                        from_weights=weights)
+                        from_weights=weights, optimizer=optimizer)
 
 
 @pytest.mark.parametrize(("batch", "per_device", "rounding", "expected"), [
@@ -98,10 +99,14 @@ def test_validation_oom_at_batch_one_has_nothing_smaller():
         plan_val_oom(state(val_batch=1), rules())
 
 
-@pytest.mark.parametrize(("rule", "factor"), [("linear", 0.5), ("sqrt", 0.5 ** 0.5), ("none", 1.0)])
-def test_schedule_phase_trains_at_the_phase_batch_with_lr_by_the_rule(rule, factor):
+@pytest.mark.parametrize(("optimizer", "rule", "factor"), [
+    ("AdamW", "linear", 0.5), ("AdamW", "sqrt", 0.5 ** 0.5), ("AdamW", "none", 1.0),
+    # SGD: Ultralytics' summed loss already halves the step at effective 32 vs nominal 64
+    ("SGD", "linear", 1.0), ("SGD", "sqrt", 2 ** 0.5), ("SGD", "none", 2.0),
+])
+def test_schedule_phase_trains_at_the_phase_batch_with_lr_by_the_rule(optimizer, rule, factor):
     before = state(batch=16, accumulate=1, lr0=0.01 * 16 / 64)
-    change = plan_phase(before, rules(rule=rule), 32)
+    change = plan_phase(before, rules(rule=rule, optimizer=optimizer), 32)
     assert (change.new.batch, change.new.accumulate, change.new.effective_batch) == (32, 1, 32)
     assert change.new.lr0 == pytest.approx(0.01 * factor)
     assert change.kind == "schedule"

@@ -150,17 +150,18 @@ def test_batch_schedule_changes_batch_lr_and_batchnorm_at_epoch_boundaries(shape
     monkeypatch.setenv(ENV, "train:epoch=2,step=0")  # and the last phase runs out of memory
     spy = TrainerSpy().install(monkeypatch)
     run = config(shapes_yaml, tmp_path, batch=None, epochs=3, batch_schedule=ScheduleRequest.parse("4@0,16@1,32@2"),
-                 sizing={"model": str(weights), "optimizer": "SGD", "lr0": 0.01},
+                 sizing={"model": str(weights), "optimizer": "AdamW", "lr0": 0.001},
                  extra={"fraction": 1.0})
     result = train(run)
 
     decision = result.decision
     assert (decision.source, decision.batch, decision.accumulate, decision.effective_batch) == ("schedule", 4, 1, 4)
-    assert decision.lr0_after == pytest.approx(0.01 * 4 / 64) and decision.bn_policy == "freeze"
+    # AdamW: the square-root rule, all of it in lr0 (Adam normalises the summed gradient's magnitude away)
+    assert decision.lr0_after == pytest.approx(0.001 * (4 / 64) ** 0.5) and decision.bn_policy == "freeze"
     assert [(e["epoch"], e["batch"], e["steps"], e["accumulate"]) for e in spy.epochs] == [
         (0, 4, 16, 1), (1, 16, 4, 1), (2, 16, 4, 2)]  # the 32 phase ran out of memory: 16 x 2
     for epoch, effective in zip(spy.epochs, (4, 16, 32)):
-        assert epoch["initial_lr"]["weight"] == pytest.approx(0.01 * effective / 64)  # linear rule (SGD)
+        assert epoch["initial_lr"]["weight"] == pytest.approx(0.001 * (effective / 64) ** 0.5)  # sqrt rule (AdamW)
         assert epoch["weight_decay"]["weight"] == pytest.approx(0.0005 * effective / 64)  # Ultralytics' rule
     assert [e["bn_freeze"] for e in spy.epochs] == [True, False, False]
     frozen, trained = spy.bn_training[:16], spy.bn_training[16:]

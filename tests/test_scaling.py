@@ -32,31 +32,53 @@ def test_pow2_batches_below_nominal_keep_lr0():
     assert scale.pinned == {}
 
 
-def test_large_batch_scales_sgd_linearly():
+def test_large_batch_scales_sgd_linearly_through_ultralytics_summed_loss():
+    """Ultralytics sums the loss over the effective batch: SGD's step already grows x4 at 256 vs 64, so the linear
+    rule is met with lr0 unchanged (multiplying lr0 too would grow the step x16)."""
     scale = plan(batch=256)
-    assert scale.accumulate == 1
-    assert scale.effective_batch == 256
-    assert scale.lr_rule == "linear"
-    assert scale.lr0_after == pytest.approx(0.04)
-    assert scale.pinned == {"optimizer": "SGD", "lr0": pytest.approx(0.04)}
+    assert (scale.accumulate, scale.effective_batch, scale.lr_rule) == (1, 256, "linear")
+    assert (scale.lr_factor, scale.step_factor, scale.lr0_after) == (1.0, pytest.approx(4.0), 0.01)
+    assert scale.pinned == {}
+    assert "Ultralytics' summed loss already grows SGD's step x4" in scale.reasons[0]
 
 
 def test_adam_family_scales_by_square_root():
     scale = plan(batch=256, optimizer="AdamW", lr0=0.001)
     assert scale.lr_rule == "sqrt"
-    assert scale.lr0_after == pytest.approx(0.002)
+    assert scale.lr0_after == pytest.approx(0.002)  # Adam normalises the summed gradient: all of it is explicit
+    assert scale.step_factor == pytest.approx(2.0)
 
 
-def test_explicit_rule_wins_and_none_disables():
+@pytest.mark.parametrize(("optimizer", "rule", "effective", "lr0_factor", "step_factor"), [
+    ("SGD", LrScaling.LINEAR, 256, 1.0, 4.0),
+    ("SGD", LrScaling.SQRT, 256, 0.5, 2.0),  # the summed loss gives x4; sqrt wants x2
+    ("SGD", LrScaling.LINEAR, 16, 1.0, 0.25),  # below nominal: the step shrinks with the sum
+    ("MuSGD", LrScaling.LINEAR, 256, 1.0, 4.0),
+    ("AdamW", LrScaling.LINEAR, 256, 4.0, 4.0),
+    ("AdamW", LrScaling.SQRT, 16, 0.5, 0.5),
+    ("RMSprop", LrScaling.SQRT, 256, 2.0, 2.0),  # adaptive, like Adam
+    ("SGD", LrScaling.NONE, 256, 0.25, 1.0),  # none: the step stays as at the nominal batch
+    ("AdamW", LrScaling.NONE, 256, 1.0, 1.0),
+])
+def test_lr0_is_scaled_by_what_the_rule_asks_beyond_the_summed_loss(optimizer, rule, effective, lr0_factor,
+                                                                     step_factor):
+    scale = plan(batch=effective, optimizer=optimizer, rule=rule, accumulate_to=effective)  # no accumulation
+    assert scale.effective_batch == effective
+    assert (scale.lr_factor, scale.step_factor) == (pytest.approx(lr0_factor), pytest.approx(step_factor))
+
+
+def test_explicit_rule_wins_and_none_keeps_the_step():
     assert plan(batch=256, optimizer="AdamW", rule=LrScaling.LINEAR).lr_factor == pytest.approx(4.0)
-    none = plan(batch=256, rule=LrScaling.NONE)
-    assert none.lr_factor == 1.0 and none.lr0_after == 0.01 and none.pinned == {}
+    adam = plan(batch=256, optimizer="AdamW", lr0=0.001, rule=LrScaling.NONE)
+    assert adam.lr_factor == 1.0 and adam.lr0_after == 0.001 and adam.pinned == {}
+    sgd = plan(batch=256, rule=LrScaling.NONE)  # the sum would grow SGD's step x4: lr0 takes it back
+    assert sgd.lr0_after == pytest.approx(0.0025) and sgd.pinned == {"optimizer": "SGD", "lr0": pytest.approx(0.0025)}
 
 
-def test_non_pow2_batch_rounds_accumulation_and_scales():
-    scale = plan(batch=24)  # accumulate round(64/24) = 3 -> effective 72
+def test_non_pow2_batch_rounds_accumulation():
+    scale = plan(batch=24)  # accumulate round(64/24) = 3 -> effective 72: the sum grows SGD's step x72/64
     assert scale.effective_batch == 72
-    assert scale.lr0_after == pytest.approx(0.01 * 72 / 64)
+    assert scale.lr0_after == 0.01 and scale.step_factor == pytest.approx(72 / 64)
 
 
 def test_auto_optimizer_is_pinned_to_ultralytics_choice_when_lr_changes():

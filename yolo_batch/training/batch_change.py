@@ -29,7 +29,7 @@ from typing import Any
 from yolo_batch.errors import YoloBatchError
 from yolo_batch.training.batchnorm import choose_bn_policy
 from yolo_batch.training.config import BnPolicy, LrScaling, Rounding
-from yolo_batch.training.scaling import lr_factor
+from yolo_batch.training.scaling import lr0_factor
 
 
 class NothingSmaller(Exception):
@@ -72,12 +72,13 @@ class ScalingRules:
     nominal_batch: int
     lr_rule: str  # "linear", "sqrt" or "none" (resolved, never "auto")
     base_lr0: float  # lr0 before scaling (for the nominal batch)
+    optimizer: str = "SGD"  # the optimizer the rule applies to (a summed loss already scales SGD's step)
     rounding: Rounding = Rounding.POW2
     bn_requested: BnPolicy = BnPolicy.AUTO
     from_weights: bool = False
 
     def lr0_for(self, effective_batch: int) -> float:
-        return self.base_lr0 * lr_factor(LrScaling(self.lr_rule), effective_batch, self.nominal_batch)
+        return self.base_lr0 * lr0_factor(self.optimizer, LrScaling(self.lr_rule), effective_batch, self.nominal_batch)
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,8 @@ class AutoBatchDecision:
     amp: bool
     rounding: str
     fraction: float | None = None
+    step_factor: float | None = None  # how much an optimizer step grows: lr_factor times what the summed loss does
+    lr_optimizer: str | None = None  # the optimizer the lr rule was resolved for (Ultralytics' choice under auto)
     profile: str | None = None  # None in records written before profiles existed
     bn_policy: str | None = None  # "train" | "freeze" | "sync" (never "auto": the policy applied)
     bn_reason: str | None = None
@@ -130,7 +132,8 @@ class AutoBatchDecision:
             ("accumulate", str(self.accumulate)),
             ("effective batch", f"{self.effective_batch} (nominal {self.nominal_batch})"),
             ("optimizer", self.optimizer),
-            ("lr0", f"{self.lr0_before:g} -> {self.lr0_after:g} ({self.lr_rule}, x{self.lr_factor:.3g})"),
+            ("lr0", f"{self.lr0_before:g} -> {self.lr0_after:g} ({self.lr_rule}, x{self.lr_factor:.3g}"
+                    + (f"; step x{self.step_factor:.3g}" if self.step_factor is not None else "") + ")"),
             ("model / imgsz / amp", f"{self.model} / {self.imgsz} / {self.amp}"
                                     + (f" ({self.precision})" if self.precision else "")),
             ("rounding", self.rounding),

@@ -192,4 +192,5 @@ def _start(config: TrainConfig, data: Path, info: DatasetInfo, model: Any, backe
 def rules_for(decision: AutoBatchDecision, sizing: SizingConfig) -> ScalingRules:
     """What every batch change of this run follows: the decision's nominal batch, lr rule and base lr0."""
     return ScalingRules(nominal_batch=decision.nominal_batch, lr_rule=decision.lr_rule, base_lr0=decision.lr0_before,
+                        optimizer=decision.lr_optimizer or decision.optimizer,
                         rounding=sizing.rounding, bn_requested=sizing.bn, from_weights=sizing.starts_from_weights)

@@ -2,6 +2,17 @@
 
 Mirrors Ultralytics' own arithmetic (``accumulate = max(round(nbs / batch), 1)``, its
 ``optimizer=auto`` rule) so the record says exactly what the trainer will do.
+
+The learning-rate rules (linear for SGD, square root for Adam-family) are about the size of one optimizer
+step as the effective batch grows. Ultralytics *sums* the detection loss over the images of a batch (its loss
+returns the mean times the batch size, times the world size under DDP) and accumulation adds batches, so a
+step's gradient is the sum over the effective batch. A step of SGD, which follows the gradient's magnitude,
+therefore already grows linearly with the effective batch; adaptive optimizers (Adam family, RMSprop)
+normalise that magnitude away. So lr0 is multiplied only by what the rule asks for beyond what the summed
+loss already does: nothing for SGD under the linear rule, the full factor for Adam-family. ``none`` keeps the
+step as it is at the nominal batch (for SGD that divides lr0 by what the sum adds), which is what a growing
+batch schedule needs to anneal the gradient noise. MuSGD (Muon mixed with SGD) is counted with SGD: its SGD
+part follows the gradient's magnitude.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ from typing import Any
 from yolo_batch.training.config import LrScaling
 
 ADAM_FAMILY = frozenset({"adam", "adamw", "adamax", "nadam", "radam"})
-SGD_FAMILY = frozenset({"sgd", "musgd", "rmsprop"})
+SCALE_INVARIANT = ADAM_FAMILY | {"rmsprop"}  # adaptive: a step's size does not follow the gradient's magnitude
 
 
 @dataclass(frozen=True)
@@ -27,7 +38,9 @@ class TrainingScale:
     lr0_before: float
     lr0_after: float
     lr_rule: str
-    lr_factor: float
+    lr_factor: float  # what lr0 is multiplied by
+    step_factor: float = 1.0  # what the rule asks a step to grow by: lr_factor times what the summed loss does
+    lr_optimizer: str = "SGD"  # the optimizer the rule was resolved for (Ultralytics' choice under auto)
     pinned: dict[str, Any] = field(default_factory=dict)
     reasons: tuple[str, ...] = ()
 
@@ -59,12 +72,24 @@ def lr_rule_for(optimizer: str, requested: LrScaling) -> LrScaling:
 
 
 def lr_factor(rule: LrScaling, effective_batch: int, nominal_batch: int) -> float:
+    """How much the rule asks an optimizer step to grow at ``effective_batch`` against the nominal batch."""
     ratio = effective_batch / nominal_batch
     if rule is LrScaling.LINEAR:
         return ratio
     if rule is LrScaling.SQRT:
         return math.sqrt(ratio)
     return 1.0
+
+
+def implicit_step_factor(optimizer: str, effective_batch: int, nominal_batch: int) -> float:
+    """How much a step already grows with the effective batch in Ultralytics, whose loss is summed over it."""
+    return 1.0 if optimizer.lower() in SCALE_INVARIANT else effective_batch / nominal_batch
+
+
+def lr0_factor(optimizer: str, rule: LrScaling, effective_batch: int, nominal_batch: int) -> float:
+    """What lr0 is multiplied by so a step grows as ``rule`` says (``none``: not at all)."""
+    wanted = lr_factor(rule, effective_batch, nominal_batch)
+    return wanted / implicit_step_factor(optimizer, effective_batch, nominal_batch)
 
 
 def plan_scaling(
@@ -95,20 +120,17 @@ def plan_scaling(
     if auto:
         name, base_lr, base_momentum = auto_optimizer(n_train or total, total, nominal_batch, epochs, nc)
     resolved = lr_rule_for(name, rule)
-    factor = lr_factor(resolved, effective, nominal_batch)
-    reasons: list[str] = []
+    factor = lr0_factor(name, resolved, effective, nominal_batch)
+    implicit = implicit_step_factor(name, effective, nominal_batch)
+    reasons = [_lr_reason(name, resolved, effective, nominal_batch, factor, implicit)] if effective != nominal_batch \
+        else []
     pinned: dict[str, Any] = {}
     if math.isclose(factor, 1.0):
         factor = 1.0
-        if resolved is not LrScaling.NONE and effective != nominal_batch:
-            reasons.append(f"effective batch {effective} vs nominal {nominal_batch}: lr0 unchanged")
         lr_after = base_lr
         shown = optimizer if auto else name
     else:
         lr_after = base_lr * factor
-        reasons.append(
-            f"effective batch {effective} != nominal {nominal_batch}: lr0 x{factor:.3g} ({resolved.value} rule)"
-        )
         pinned = {"optimizer": name, "lr0": lr_after}
         if auto:
             pinned.update(momentum=base_momentum, warmup_bias_lr=0.0)
@@ -123,6 +145,16 @@ def plan_scaling(
         lr0_after=lr_after,
         lr_rule=resolved.value,
         lr_factor=factor,
+        step_factor=factor * implicit,
+        lr_optimizer=name,
         pinned=pinned,
         reasons=tuple(reasons),
     )
+
+
+def _lr_reason(optimizer: str, rule: LrScaling, effective: int, nominal: int, factor: float, implicit: float) -> str:
+    batches = f"effective batch {effective} vs nominal {nominal}"
+    summed = (f"; Ultralytics' summed loss already grows {optimizer}'s step x{implicit:.3g}"
+              if not math.isclose(implicit, 1.0) else "")
+    lr0 = "lr0 unchanged" if math.isclose(factor, 1.0) else f"lr0 x{factor:.3g}"
+    return f"{batches}: {lr0} ({rule.value} rule: step x{factor * implicit:.3g}){summed}"
