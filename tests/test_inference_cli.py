@@ -20,7 +20,8 @@ from inference_fixtures import detector, image_folder, write_bad_files  # noqa: 
 
 from yolo_batch.cli import main
 
-FAST = ["--imgsz", "160", "--conf", "0.15", "--device", "cpu"]
+TORCH = ["--backend", "torch", "--precision", "fp32"]  # what these tests compare and time: the PyTorch path
+FAST = ["--imgsz", "160", "--conf", "0.15", "--device", "cpu", *TORCH]
 
 
 def infer(*args: str):
@@ -92,8 +93,8 @@ def test_other_settings_in_the_same_folder_are_refused(detector, image_folder, t
 
 
 def test_auto_batch_on_cpu_prints_the_measured_table(detector, image_folder, tmp_path):
-    result = infer(str(image_folder), "--model", str(detector), "--imgsz", "64", "--device", "cpu", "--batch",
-                   "auto", "--max-latency-ms", "2000", "--out", str(tmp_path / "o"))
+    result = infer(str(image_folder), "--model", str(detector), "--imgsz", "64", "--device", "cpu", *TORCH,
+                   "--batch", "auto", "--max-latency-ms", "2000", "--out", str(tmp_path / "o"))
     assert result.exit_code == 0, result.output
     assert "Inference batch (auto)" in result.stdout and "chosen" in result.stdout
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
@@ -131,7 +132,7 @@ def test_resume_after_kill_9_gives_every_image_exactly_once(detector, tmp_path):
         cv2.imwrite(str(folder / f"{i:03d}.jpg"), np.roll(base, i, axis=1))
     out = tmp_path / "out"
     command = [sys.executable, "-m", "yolo_batch.cli", "infer", str(folder), "--model", str(detector), "--imgsz",
-               "160", "--batch", "2", "--device", "cpu", "--conf", "0.5", "--out", str(out), "--quiet",
+               "160", "--batch", "2", "--device", "cpu", "--conf", "0.5", "--out", str(out), *TORCH, "--quiet",
                "--format", "csv"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -172,7 +173,8 @@ def test_bench_infer_requires_a_fixed_batch(image_folder):
 
 def test_bench_infer_measures_all_three(detector, image_folder):
     result = CliRunner().invoke(main, ["bench", "infer", str(image_folder), "--model", str(detector), "--imgsz",
-                                       "64", "--batch", "4", "--device", "cpu", "--json"], catch_exceptions=False)
+                                       "64", "--batch", "4", "--device", "cpu", *TORCH, "--json"],
+                                catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["images"] == 8

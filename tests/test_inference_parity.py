@@ -65,7 +65,7 @@ def assert_parity(reference: dict[str, np.ndarray], ours: dict[str, np.ndarray])
 
 def run_ours(sources: list[str], model: Path, out: Path, batch: int) -> dict[str, np.ndarray]:
     config = InferConfig(sources=tuple(sources), model=str(model), out=out, imgsz=IMGSZ, conf=CONF,
-                         batch=BatchSetting(batch), device="cpu")
+                         batch=BatchSetting(batch), device="cpu", backend="torch", precision="fp32")
     summary = run_inference(config)
     assert summary.failed == 0
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]

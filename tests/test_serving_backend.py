@@ -26,7 +26,8 @@ def encoded(image: np.ndarray) -> bytes:
 
 
 def test_a_mixed_batch_is_grouped_by_shape_and_answered_in_order(detector):
-    backend = DetectorBackend.load(ServeConfig(model=str(detector), imgsz=IMGSZ, conf=CONF, device="cpu"))
+    backend = DetectorBackend.load(ServeConfig(model=str(detector), imgsz=IMGSZ, conf=CONF, device="cpu",
+                                                  backend="torch", precision="fp32"))
     try:
         backend.warm_up()
         rng = np.random.default_rng(1)
@@ -56,7 +57,7 @@ def test_streams_on_different_shapes_decode_their_own_boxes(detector):
 
     def stream(name: str) -> None:
         barrier.wait(30)
-        modules[name] = engine.thread_module()
+        modules[name] = engine.runtime.thread_module()
         for _ in range(120):
             got = rows(engine.predict([images[name]])[0])
             if got.shape != expected[name].shape or not np.allclose(got, expected[name], atol=1e-3):
@@ -69,4 +70,4 @@ def test_streams_on_different_shapes_decode_their_own_boxes(detector):
         thread.join(120)
     assert not wrong, f"{len(wrong)} of 240 forward passes decoded another stream's boxes"
     assert modules["wide"] is not modules["tall"]
-    assert engine.thread_module() is engine.thread_module()  # one module per thread, kept
+    assert engine.runtime.thread_module() is engine.runtime.thread_module()  # one module per thread, kept

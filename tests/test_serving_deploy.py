@@ -390,7 +390,8 @@ def test_the_image_command_runs_from_the_wheel_in_a_fresh_venv(dockerfile, detec
     env = {k: v for k, v in os.environ.items() if not k.startswith("YOLO_BATCH_")}
     env.update(env_of(stage))
     env.update(YOLO_BATCH_MODEL=str(detector), YOLO_BATCH_PORT=str(port), YOLO_BATCH_DEVICE="cpu",
-               YOLO_BATCH_IMGSZ="64", HOME=str(tmp_path), YOLO_CONFIG_DIR=str(tmp_path / "ultralytics"))
+               YOLO_BATCH_IMGSZ="64", YOLO_BATCH_BACKEND="torch", HOME=str(tmp_path),
+               YOLO_CONFIG_DIR=str(tmp_path / "ultralytics"))
     log = tmp_path / "serve.log"
     with open(log, "wb") as handle:
         process = subprocess.Popen([str(venv / "bin" / entrypoint[0]), *command], stdout=handle,

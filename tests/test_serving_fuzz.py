@@ -34,7 +34,8 @@ EXAMPLES = 15
 
 @pytest.fixture(scope="module")
 def served_schema(detector):
-    config = ServeConfig(model=str(detector), imgsz=64, device="cpu", port=0, token=TOKEN, max_body_bytes=1 << 20,
+    config = ServeConfig(model=str(detector), imgsz=64, device="cpu", backend="torch", precision="fp32", port=0,
+                         token=TOKEN, max_body_bytes=1 << 20,
                          max_images=4, timeout_ms=30_000.0)
     with LiveServer(config) as server:
         server.wait_ready(AUTH)

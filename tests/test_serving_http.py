@@ -23,7 +23,8 @@ MIB = 1 << 20
 
 
 def serve_config(model: Path, **overrides) -> ServeConfig:
-    settings = {"model": str(model), "imgsz": IMGSZ, "conf": CONF, "device": "cpu", "max_batch": 4,
+    settings = {"model": str(model), "imgsz": IMGSZ, "conf": CONF, "device": "cpu", "backend": "torch",
+                "precision": "fp32", "max_batch": 4,
                 "max_delay_ms": 20.0, "port": 0, "timeout_ms": 60_000.0, "max_image_bytes": MIB,
                 "max_body_bytes": 4 * MIB, "max_images": 4, "max_pixels": 2_000_000}
     return ServeConfig(**{**settings, **overrides})
@@ -37,7 +38,7 @@ def served(detector):
 
 def infer_rows(folder: Path, model: Path, out: Path) -> dict[str, np.ndarray]:
     config = InferConfig(sources=(str(folder),), model=str(model), out=out, imgsz=IMGSZ, conf=CONF,
-                         batch=BatchSetting(4), device="cpu")
+                         batch=BatchSetting(4), device="cpu", backend="torch", precision="fp32")
     assert run_inference(config).failed == 0
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     return {Path(x["path"]).name: rows_from_ours(x) for x in lines}

@@ -57,7 +57,7 @@ def test_sigterm_finishes_queued_work_and_exits_0(detector, tmp_path):
     # One slow stream (imgsz 640, batch 1) so that work is still queued when the signal arrives.
     process = start(["--model", str(detector), "--port", str(port), "--imgsz", "640", "--max-batch", "1",
                      "--streams", "1", "--threads", "1", "--device", "cpu", "--timeout-ms", "60000",
-                     "--grace-s", "60"], log)
+                     "--grace-s", "60", "--backend", "torch", "--precision", "fp32"], log)
     try:
         ready(url, process, log)
         images = [p.read_bytes() for p in bccd_images(8)] * 2
@@ -96,7 +96,8 @@ def test_hot_folder_loses_nothing_and_repeats_nothing_across_kill_9(detector, tm
     (inbox / "broken.jpg").write_bytes(b"not an image")
     log = tmp_path / "serve.log"
     args = ["--model", str(detector), "--imgsz", "320", "--max-batch", "2", "--device", "cpu", "--conf", "0.5",
-            "--watch", str(inbox), "--out", str(out), "--poll-ms", "50", "--log-level", "info"]
+            "--watch", str(inbox), "--out", str(out), "--poll-ms", "50", "--log-level", "info",
+            "--backend", "torch", "--precision", "fp32"]
     results = out / "results.jsonl"
 
     def journaled() -> int:
@@ -177,7 +178,8 @@ def test_bench_serve_reports_throughput_latency_batches_and_the_offline_ratio(de
         (folder / path.name).write_bytes(path.read_bytes())
     result = CliRunner().invoke(main, ["bench", "serve", str(folder), "--model", str(detector), "--imgsz", "64",
                                        "--device", "cpu", "--max-batch", max_batch, "--requests", "24",
-                                       "--concurrency", "4", "--warmup", "4", "--offline-rounds", "1", "--json"],
+                                       "--concurrency", "4", "--warmup", "4", "--offline-rounds", "1", "--backend",
+                                       "torch", "--precision", "fp32", "--json"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

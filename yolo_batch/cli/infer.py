@@ -12,6 +12,7 @@ import click
 
 from yolo_batch.cli.common import command, parse_classes
 from yolo_batch.core.models import DEFAULT_MODEL
+from yolo_batch.inference.runtimes.choice import BACKENDS, PRECISIONS
 
 
 def infer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -27,7 +28,14 @@ def infer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                           "img/s that fits --max-latency-ms and the GPU memory). Default: the profile's (16)."),
         click.option("--imgsz", type=int, default=640, show_default=True, help="Long side after letterboxing."),
         click.option("--device", default=None, help="'cpu' or one GPU such as '0'. Default: GPU 0 if present."),
-        click.option("--half/--no-half", default=None, help="FP16 (default: on for a GPU, off on CPU)."),
+        click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+                     help="Runtime: auto picks TensorRT on an NVIDIA GPU, OpenVINO on an x86 CPU (when installed), "
+                          "else torch. Exported runtimes export the model once and cache it."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+                     help="auto: fp16 on a GPU, bf16 on a CPU that has it, else fp32."),
+        click.option("--no-cache", is_flag=True, help="Export again instead of reusing a cached export."),
+        click.option("--half/--no-half", default=None,
+                     help="Older switch: --no-half is --precision fp32; --half leaves precision auto."),
         click.option("--conf", type=float, default=0.25, show_default=True, help="Confidence threshold."),
         click.option("--iou", type=float, default=0.7, show_default=True, help="NMS IoU threshold."),
         click.option("--max-det", type=int, default=300, show_default=True, help="Most detections per image."),
@@ -57,8 +65,9 @@ def build_infer_config(sources: tuple[str, ...], opts: dict[str, Any], **more: A
         sources=sources, model=opts["model"], batch=BatchSetting.parse(settings["batch"]), imgsz=opts["imgsz"],
         device=opts["device"], half=settings["half"], max_latency_ms=settings["max_latency_ms"],
         image_window=profile.image_window,
-        conf=opts["conf"], iou=opts["iou"], max_det=opts["max_det"],
-        classes=opts["classes"], workers=opts["workers"], threads=opts["threads"], streams=opts["streams"], **more,
+        conf=opts["conf"], iou=opts["iou"], max_det=opts["max_det"], backend=opts["backend"],
+        precision=opts["precision"], use_cache=not opts["no_cache"], classes=opts["classes"],
+        workers=opts["workers"], threads=opts["threads"], streams=opts["streams"], **more,
     )
 
 
@@ -124,7 +133,11 @@ def infer(sources: tuple[str, ...], out: Path, formats: tuple[str, ...], save_an
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @command
 def bench_infer(source: str, repeats: int, as_json: bool, **opts: Any) -> None:
-    """Ultralytics predict vs ours vs forward-only ceiling: img/s on the same images, model and device."""
+    """Ultralytics predict vs ours vs forward-only ceiling: img/s on the same images, model and device.
+
+    With an exported runtime (--backend openvino ...) also Ultralytics predict on the same export, and the
+    ceiling is that runtime's own forward pass.
+    """
     from rich.console import Console
 
     from yolo_batch.inference.bench import run_infer_bench

@@ -11,6 +11,7 @@ import click
 
 from yolo_batch.cli.common import command, parse_classes
 from yolo_batch.core.models import DEFAULT_MODEL
+from yolo_batch.inference.runtimes.choice import BACKENDS, PRECISIONS
 
 
 def serve_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -72,6 +73,10 @@ def serve(**opts: Any) -> None:
 @click.option("--workers", type=int, default=None, help="Decode threads (both sides).")
 @click.option("--threads", type=int, default=None, help="Torch threads per inference stream (both sides).")
 @click.option("--streams", type=int, default=None, help="Inference streams (both sides).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="Runtime (both sides), as serve and infer.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="Precision (both sides), as serve and infer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @command
 def bench_serve(source: str, as_json: bool, **opts: Any) -> None:

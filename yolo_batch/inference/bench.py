@@ -1,10 +1,15 @@
-"""``bench infer``: Ultralytics ``predict`` vs our runner vs the forward-only ceiling, in one run.
+"""``bench infer``: Ultralytics ``predict`` vs our runner vs the runtime's forward-only ceiling, in one run.
 
-All three see the same images, model, image size, precision and device. ``predict`` reads a text file
-listing the images (a Python list would make Ultralytics run them as one batch) with
-``stream=True, batch=B``; ours is :func:`run_inference` into a scratch folder; the ceiling is the fused
-network alone on tensors already letterboxed, normalised and on the device. Each is warmed up first,
-and rounds are interleaved so that background load hits all three alike.
+All see the same images, model, image size and device. ``predict`` reads a text file listing the images (a
+Python list would make Ultralytics run them as one batch) with ``stream=True, batch=B``; ours is
+:func:`run_inference` into a scratch folder; the ceiling is the runtime alone on tensors already letterboxed,
+normalised and in the runtime's own input format. Each is warmed up first, and rounds are interleaved so that
+background load hits all alike.
+
+With an exported runtime (``--backend openvino`` ...) the run also times Ultralytics ``predict`` on the same
+export (the peer a user would pick: the same file, Ultralytics' own pipeline), and the ceiling is that runtime's
+forward pass (for OpenVINO the exported IR compiled with our settings, fed float NCHW tensors). A yaml model is
+saved once into the scratch folder so that every method runs the same random weights.
 
 Ultralytics sets torch's CPU threads to ``cores - 1`` (at most 8) when its predictor starts; ours runs
 one single-threaded inference stream per core. So on CPU predict is also measured with torch using
@@ -19,7 +24,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,16 +34,25 @@ from rich.table import Table
 from yolo_batch import ultralytics_adapter
 from yolo_batch.core.devices import inference_device
 from yolo_batch.inference.config import InferConfig
-from yolo_batch.inference.engine import Engine, NmsSettings
+from yolo_batch.inference.engine import Engine
 from yolo_batch.inference.runner import run_inference
+from yolo_batch.inference.runtimes.base import normalised
+from yolo_batch.inference.runtimes.choice import EXTRAS
 from yolo_batch.inference.sources import discover
 
 log = logging.getLogger(__name__)
 
 PREDICT = "ultralytics predict"
 PREDICT_ALL_CORES = "ultralytics predict (all cores)"
+PREDICT_EXPORT = "ultralytics predict (same export)"
 OURS = "yolo-batch infer"
 CEILING = "forward only (ceiling)"
+METHODS = (PREDICT, PREDICT_ALL_CORES, PREDICT_EXPORT, OURS, CEILING)
+_RATIOS = {  # key -> (denominator method, label)
+    "ours_over_predict": (PREDICT, "ours / predict (.pt)"),
+    "ours_over_predict_all_cores": (PREDICT_ALL_CORES, "ours / predict (.pt, all cores)"),
+    "ours_over_ceiling": (CEILING, "ours / ceiling"),
+}
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,8 @@ class InferBenchReport:
     precision: str
     images: int
     runs: tuple[BenchRun, ...]
+    backend: str = "torch"
+    runtime: str = ""  # the runtime and why it was chosen
 
     def best(self) -> dict[str, BenchRun]:
         out: dict[str, BenchRun] = {}
@@ -75,20 +91,25 @@ class InferBenchReport:
         return out
 
     def ratios(self) -> dict[str, float]:
+        """Ours over each peer (best rounds). ``ours_over_predict_same_backend`` is predict on the same export for
+        an exported runtime (on the .pt for torch); ``ours_over_backend_ceiling`` is over that runtime's own
+        forward pass."""
         best = self.best()
         ours = best.get(OURS)
         out: dict[str, float] = {}
         if ours is None:
             return out
-        for method, key in ((PREDICT, "ours_over_predict"), (PREDICT_ALL_CORES, "ours_over_predict_all_cores"),
-                            (CEILING, "ours_over_ceiling")):
+        same = PREDICT_EXPORT if self.backend != "torch" else PREDICT
+        peers = {**{k: m for k, (m, _) in _RATIOS.items()}, "ours_over_predict_same_backend": same,
+                 "ours_over_backend_ceiling": CEILING}
+        for key, method in peers.items():
             if method in best and best[method].images_per_s > 0:
                 out[key] = ours.images_per_s / best[method].images_per_s
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "model": self.model, "imgsz": self.imgsz, "batch": self.batch,
-                "precision": self.precision, "images": self.images,
+                "precision": self.precision, "backend": self.backend, "runtime": self.runtime, "images": self.images,
                 "images_per_s": {m: round(r.images_per_s, 2) for m, r in self.best().items()},
                 "threads": {m: r.threads for m, r in self.best().items()},
                 "ratios": {k: round(v, 3) for k, v in self.ratios().items()},
@@ -96,28 +117,33 @@ class InferBenchReport:
 
     def table(self) -> Table:
         table = Table(title=f"bench infer: {self.model}, {self.images} images, imgsz {self.imgsz}, batch {self.batch}, "
-                            f"{self.precision}, {self.device}", title_justify="left")
+                            f"{self.backend} {self.precision}, {self.device}", title_justify="left")
         for column in ("method", "img/s (best)", "seconds", "streams x threads", "rounds (img/s)"):
             table.add_column(column, justify="right")
         best = self.best()
-        for method in (PREDICT, PREDICT_ALL_CORES, OURS, CEILING):
+        for method in METHODS:
             if method not in best:
                 continue
             rounds = ", ".join(f"{r.images_per_s:.1f}" for r in self.runs if r.method == method)
             table.add_row(method, f"{best[method].images_per_s:.2f}", f"{best[method].seconds:.2f}",
                           f"{best[method].streams} x {best[method].threads}", rounds)
-        labels = {"ours_over_predict": "ours / predict", "ours_over_predict_all_cores": "ours / predict (all cores)",
-                  "ours_over_ceiling": "ours / ceiling"}
+        labels = {k: label for k, (_, label) in _RATIOS.items()}
+        labels["ours_over_predict_same_backend"] = ("ours / predict (same export)" if self.backend != "torch"
+                                                    else "ours / predict (same backend)")
+        labels["ours_over_backend_ceiling"] = f"ours / {self.backend} forward only"
         for name, value in self.ratios().items():
+            if self.backend == "torch" and name in {"ours_over_predict_same_backend", "ours_over_backend_ceiling"}:
+                continue  # the same figures as the rows above
             table.add_row(labels[name], f"{value:.2f}x", "", "", "")
         return table
 
 
 def run_infer_bench(config: InferConfig, repeats: int = 1) -> InferBenchReport:
-    """Measure the three methods ``repeats`` times each, interleaved.
+    """Measure every method ``repeats`` times each, interleaved.
 
     Raises:
-        InputError: bad sources, model or device; ``--batch auto`` (the benchmark needs one fixed batch).
+        InputError: bad sources, model or device; ``--batch auto`` (the benchmark needs one fixed batch); a
+            runtime or precision that cannot run here.
     """
     import torch
 
@@ -129,101 +155,129 @@ def run_infer_bench(config: InferConfig, repeats: int = 1) -> InferBenchReport:
         raise InputError(f"repeats must be >= 1, got {repeats}")
     batch = config.batch.fixed
     paths = list(discover(config.sources).paths)
-    device, half = inference_device(config.device, config.half)
+    device, _ = inference_device(config.device, None)  # the precision is the runtime choice's
     saved_threads = torch.get_num_threads()
     runs: list[BenchRun] = []
     try:
         with tempfile.TemporaryDirectory(prefix="yolo-batch-bench-") as scratch:
-            listing = Path(scratch) / "images.txt"
-            listing.write_text("".join(p + "\n" for p in paths))
-            warm = Path(scratch) / "warmup.txt"
-            warm.write_text("".join(p + "\n" for p in paths[:batch]))
-            yolo = ultralytics_adapter.load_model(config.model)
-            predict_args = {"imgsz": config.imgsz, "conf": config.conf, "iou": config.iou, "max_det": config.max_det,
-                            "classes": list(config.classes) if config.classes else None, "batch": batch,
-                            "device": "cpu" if device.type == "cpu" else str(device.index), "verbose": False,
-                            "save": False, "stream": True, "quantize": 16 if half else None}
-            for _ in yolo.predict(str(warm), **predict_args):  # sets up the predictor (and its thread count)
-                pass
-            predict_threads = torch.get_num_threads()
-            ceiling = _Ceiling(config, device, half, paths, batch)
+            config = _same_weights(config, Path(scratch))
+            warm = run_inference(dataclasses.replace(config, sources=tuple(paths[:batch]),
+                                                     out=Path(scratch) / "warm", overwrite=True))
+            threads, streams = warm.threads, warm.streams
             ours_config = dataclasses.replace(config, out=Path(scratch) / "ours", overwrite=True)
-            first = run_inference(dataclasses.replace(ours_config, sources=tuple(paths[:batch])))
-            threads, streams = first.threads, first.streams
-            cores = os.cpu_count() or 1
+            peers = _Peers(config, device, warm, paths, batch, Path(scratch))
+            ceiling = _Ceiling(config, device, warm, paths, batch, streams, threads)
             for round_ in range(repeats):
-                torch.set_num_threads(predict_threads)
-                runs.append(_time_predict(yolo, listing, predict_args, PREDICT, round_, len(paths)))
-                if device.type == "cpu" and predict_threads != cores:
-                    torch.set_num_threads(cores)
-                    runs.append(_time_predict(yolo, listing, predict_args, PREDICT_ALL_CORES, round_, len(paths)))
+                runs += peers.time(round_)
                 summary = run_inference(ours_config)
                 runs.append(BenchRun(OURS, round_, summary.processed, summary.processed / summary.images_per_s
                                      if summary.images_per_s else 0.0, summary.threads, summary.streams))
                 torch.set_num_threads(threads)
-                runs.append(BenchRun(CEILING, round_, ceiling.images, ceiling.time(streams), threads, streams))
+                runs.append(BenchRun(CEILING, round_, ceiling.images, ceiling.time(), threads, streams))
     finally:
         torch.set_num_threads(saved_threads)
     return InferBenchReport(device=_device_name(device), model=config.model, imgsz=config.imgsz, batch=batch,
-                            precision="fp16" if half else "fp32", images=len(paths), runs=tuple(runs))
+                            precision=warm.precision, images=len(paths), runs=tuple(runs), backend=warm.backend,
+                            runtime=f"{warm.backend} {warm.runtime.get('version', '')}: "
+                                    f"{warm.runtime.get('reason', '')}")
 
 
-def _time_predict(yolo: Any, listing: Path, args: dict[str, Any], method: str, round_: int, expected: int) -> BenchRun:
-    import torch
+def _same_weights(config: InferConfig, scratch: Path) -> InferConfig:
+    """A yaml model saved once as a .pt (every method then runs the same random weights), its exports kept in
+    ``scratch`` instead of the user's cache."""
+    if Path(config.model).suffix == ".pt":
+        return config
+    saved = scratch / (Path(config.model).stem + ".pt")
+    ultralytics_adapter.load_model(config.model).save(str(saved))
+    return dataclasses.replace(config, model=str(saved), export_cache=scratch / "exports")
 
-    threads = torch.get_num_threads()
-    start = time.perf_counter()
-    count = sum(1 for _ in yolo.predict(str(listing), **args))
-    seconds = time.perf_counter() - start
-    if count != expected:
-        log.warning("predict returned %d results for %d images", count, expected)
-    return BenchRun(method, round_, count, seconds, threads)
+
+class _Peers:
+    """Ultralytics predict on the .pt (torch) and, for an exported runtime, on the same export."""
+
+    def __init__(self, config: InferConfig, device: Any, warm: Any, paths: Sequence[str], batch: int,
+                 scratch: Path) -> None:
+        import torch
+
+        self.device, self.expected = device, len(paths)
+        self.listing = scratch / "images.txt"
+        self.listing.write_text("".join(p + "\n" for p in paths))
+        warmup = scratch / "warmup.txt"
+        warmup.write_text("".join(p + "\n" for p in paths[:batch]))
+        half = warm.precision == "fp16"
+        self.args = {"imgsz": config.imgsz, "conf": config.conf, "iou": config.iou, "max_det": config.max_det,
+                     "classes": list(config.classes) if config.classes else None, "batch": batch,
+                     "device": "cpu" if device.type == "cpu" else str(device.index or 0), "verbose": False,
+                     "save": False, "quantize": 16 if half else None}
+        self.extra = EXTRAS.get(warm.backend)
+        self.pt = ultralytics_adapter.load_model(config.model)
+        self._run(self.pt, warmup)  # sets up the predictor (and its thread count)
+        self.threads = torch.get_num_threads()
+        self.export = None
+        if warm.export is not None:
+            self.export = ultralytics_adapter.load_export(Path(warm.export["artefact"]), self.extra)
+            self._run(self.export, warmup)
+
+    def _run(self, yolo: Any, listing: Path) -> int:
+        return sum(1 for _ in ultralytics_adapter.predict_stream(yolo, str(listing), self.extra, **self.args))
+
+    def time(self, round_: int) -> list[BenchRun]:
+        import torch
+
+        cores = os.cpu_count() or 1
+        out = []
+        plan = [(PREDICT, self.pt, self.threads)]
+        if self.device.type == "cpu" and self.threads != cores:
+            plan.append((PREDICT_ALL_CORES, self.pt, cores))
+        if self.export is not None:
+            plan.append((PREDICT_EXPORT, self.export, self.threads))
+        for method, yolo, threads in plan:
+            torch.set_num_threads(threads)
+            start = time.perf_counter()
+            count = self._run(yolo, self.listing)
+            seconds = time.perf_counter() - start
+            if count != self.expected:
+                log.warning("%s returned %d results for %d images", method, count, self.expected)
+            out.append(BenchRun(method, round_, count, seconds, threads))
+        return out
 
 
 class _Ceiling:
-    """The fused network on pre-built device tensors: the most any pipeline could reach."""
+    """The runtime alone on inputs built beforehand: the most any pipeline could reach with it."""
 
-    def __init__(self, config: InferConfig, device: Any, half: bool, paths: Sequence[str], batch: int) -> None:
+    def __init__(self, config: InferConfig, device: Any, warm: Any, paths: Sequence[str], batch: int,
+                 streams: int, threads: int) -> None:
         import cv2
-        import torch
 
-        self.engine = Engine.load(config.model, device, half, config.imgsz, NmsSettings())
+        self.streams = streams
+        engine = Engine.open(config.model, device, _choice_of(warm), config.imgsz, _default_nms(),
+                             max_batch=batch, streams=streams, threads=threads, cache=config.export_cache)
         groups: dict[tuple[int, int], list[Any]] = {}
         for path in paths:
             image = cv2.imread(path, cv2.IMREAD_COLOR)
             if image is None:
                 continue
-            pixels, plan = self.engine.prepare(image)
+            pixels, plan = engine.prepare(image)
             groups.setdefault(plan.out, []).append(pixels)
-        self.batches = []
-        net = self.engine.network
-        for images in groups.values():
-            for start in range(0, len(images), batch):
-                host = self.engine.collate(images[start:start + batch])
-                x = host.to(device).permute(0, 3, 1, 2).flip(1)
-                x = (x.half() if net.half else x.float()).div_(255)
-                self.batches.append(x.contiguous(
-                    memory_format=torch.channels_last if net.channels_last else torch.contiguous_format))
-        self.images = sum(int(x.shape[0]) for x in self.batches)
-        with torch.inference_mode():
-            net.module(self.batches[0])  # warm-up
+        hosts = [engine.collate(images[i:i + batch]) for images in groups.values()
+                 for i in range(0, len(images), batch)]
+        self.images = sum(int(h.shape[0]) for h in hosts)
+        self.forward, self.inputs = _forward_only(engine, warm, hosts, streams, threads)
+        self.forward(self.inputs[0])  # warm-up
 
-    def time(self, streams: int = 1) -> float:
+    def time(self) -> float:
         """Seconds for every batch, spread over ``streams`` threads as our pipeline spreads them."""
         import torch
-
-        module, device = self.engine.network.module, self.engine.device
 
         def work(batches: Sequence[Any]) -> None:
             with torch.inference_mode():
                 for x in batches:
-                    module(x)
+                    self.forward(x)
 
-        shares = [self.batches[i::streams] for i in range(streams)]
+        shares = [self.inputs[i::self.streams] for i in range(self.streams)]
         workers = [threading.Thread(target=work, args=(share,), name=f"bench-ceiling-{i}")
                    for i, share in enumerate(shares[1:], 1)]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _synchronize()
         start = time.perf_counter()
         for worker in workers:
             worker.start()
@@ -232,9 +286,56 @@ class _Ceiling:
         finally:
             for worker in workers:
                 worker.join()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _synchronize()
         return time.perf_counter() - start
+
+
+def _forward_only(engine: Engine, warm: Any, hosts: Sequence[Any], streams: int, threads: int
+                  ) -> tuple[Callable[[Any], Any], list[Any]]:
+    """(forward, inputs): the runtime's own forward pass and its inputs in its own format, built beforehand."""
+    import torch
+
+    runtime = engine.runtime
+    if warm.backend == "openvino":
+        from yolo_batch.inference.runtimes.openvino import OpenVinoRuntime
+
+        plain = OpenVinoRuntime(Path(warm.export["artefact"]), runtime.precision, streams, threads, embed_input=False)
+        return plain, [normalised(h, torch.device("cpu"), torch.float32).numpy() for h in hosts]
+    if warm.backend == "onnxruntime":
+        session, name = runtime.session, runtime.input_name  # type: ignore[attr-defined]
+        return (lambda x: session.run(None, {name: x})), [normalised(h, torch.device("cpu"), torch.float32).numpy()
+                                                           for h in hosts]
+    if warm.backend == "tensorrt":
+        return runtime, [h.to(runtime.device) for h in hosts]
+    net = runtime.network  # type: ignore[attr-defined]
+    dtype = torch.float16 if net.half else torch.float32
+    inputs = [normalised(h, net.device, dtype, net.channels_last) for h in hosts]
+    if runtime.precision == "bf16":
+        def forward(x: Any) -> Any:
+            with torch.autocast(device_type=net.device.type, dtype=torch.bfloat16):
+                return runtime.thread_module()(x)  # type: ignore[attr-defined]
+
+        return forward, inputs
+    return (lambda x: runtime.thread_module()(x)), inputs  # type: ignore[attr-defined]
+
+
+def _choice_of(warm: Any) -> Any:
+    from yolo_batch.inference.runtimes.choice import RuntimeChoice
+
+    return RuntimeChoice(**warm.runtime)
+
+
+def _default_nms() -> Any:
+    from yolo_batch.inference.engine import NmsSettings
+
+    return NmsSettings()
+
+
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _device_name(device: Any) -> str:

@@ -18,6 +18,7 @@ from yolo_batch.core.checks import (
 )
 from yolo_batch.core.models import DEFAULT_MODEL
 from yolo_batch.errors import InputError
+from yolo_batch.inference.runtimes.choice import check_names
 
 DEFAULT_OUT = Path("runs/infer")
 MAX_FILE_BYTES = 512 << 20  # a larger image file is treated as a mistake, not decoded
@@ -78,7 +79,11 @@ class InferConfig:
     batch: BatchSetting = field(default_factory=BatchSetting)
     imgsz: int = 640
     device: str | None = None
-    half: bool | None = None  # None: FP16 on a GPU, FP32 on CPU
+    half: bool | None = None  # the older switch: False means precision fp32; True or None leave precision auto
+    backend: str = "auto"  # auto, torch, openvino, onnxruntime, tensorrt
+    precision: str = "auto"  # auto, fp32, fp16, bf16
+    use_cache: bool = True  # reuse a cached export (False: --no-cache, export again)
+    export_cache: Path | None = None  # where exports are cached; None: <yolo-batch cache>/exports
     conf: float = 0.25
     iou: float = 0.7
     max_det: int = 300
@@ -97,6 +102,8 @@ class InferConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", tuple(str(s) for s in self.sources))
         object.__setattr__(self, "out", Path(self.out))
+        if self.export_cache is not None:
+            object.__setattr__(self, "export_cache", Path(self.export_cache))
         object.__setattr__(self, "formats", tuple(dict.fromkeys(OutputFormat(f) for f in self.formats)))
         if self.classes is not None:
             object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
@@ -112,19 +119,39 @@ class InferConfig:
         check_latency_limit(self.max_latency_ms, self.batch.is_auto)
         check_count(self.max_file_bytes, "max file bytes")
         check_count(self.max_pixels, "max pixels")
+        check_names(self.backend, self.precision)
 
-    def result_settings(self) -> dict[str, Any]:
-        """The settings that change what the results say: a resumed run must use the same ones."""
-        return {"model": self.model, "imgsz": self.imgsz, "conf": self.conf, "iou": self.iou,
+    def precision_request(self) -> str:
+        """The precision to ask the runtime choice for: ``--precision``, else ``--no-half`` as fp32, else auto."""
+        return requested_precision(self.precision, self.half)
+
+    def result_settings(self, backend: str | None = None, precision: str | None = None) -> dict[str, Any]:
+        """The settings that change what the results say: a resumed run must use the same ones (with the runtime
+        and precision the run resolved, when given)."""
+        runtime = {} if backend is None else {"backend": backend, "precision": precision}
+        return {**runtime, "model": self.model, "imgsz": self.imgsz, "conf": self.conf, "iou": self.iou,
                 "max_det": self.max_det, "classes": list(self.classes) if self.classes is not None else None,
                 "image_window": list(self.image_window) if self.image_window is not None else None}
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "sources": list(self.sources), "model": self.model, "out": str(self.out), "batch": str(self.batch),
-            "imgsz": self.imgsz, "device": self.device, "half": self.half, "conf": self.conf, "iou": self.iou,
+            "imgsz": self.imgsz, "device": self.device, "half": self.half, "backend": self.backend,
+            "precision": self.precision, "use_cache": self.use_cache, "conf": self.conf, "iou": self.iou,
             "max_det": self.max_det, "classes": list(self.classes) if self.classes is not None else None,
             "workers": self.workers, "threads": self.threads, "streams": self.streams,
             "formats": [f.value for f in self.formats],
             "save_annotated": self.save_annotated, "max_latency_ms": self.max_latency_ms, "overwrite": self.overwrite,
         }
+
+
+def requested_precision(precision: str, half: bool | None) -> str:
+    """``--precision`` wins; else ``--no-half`` (or a profile's ``half: false``) means fp32; else auto.
+
+    ``half: true`` (the inspection profile) stays auto: fp16 on a GPU, and on a CPU whatever is fastest there
+    instead of an error.
+    """
+    if precision != "auto":
+        return precision
+    return "fp32" if half is False else "auto"
+

@@ -1,18 +1,18 @@
 """The model side of inference: letterboxed images in, detections in original pixels out.
 
-One :class:`Engine` serves the batch runner and, later, the HTTP service. It does what Ultralytics'
-``DetectionPredictor`` does (same letterbox, same normalisation, same fused network, same NMS, same box
-scaling) but on batches of one shape, from pinned host memory, with NMS on the device.
+One :class:`Engine` serves the batch runner and the HTTP service. It does what Ultralytics'
+``DetectionPredictor`` does (same letterbox, same normalisation, same network, same NMS, same box scaling) but
+on batches of one shape, from pinned host memory, with NMS on the device. The network itself runs on a runtime
+(:mod:`yolo_batch.inference.runtimes`: PyTorch, OpenVINO, ONNX Runtime, TensorRT) behind one small hook.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,11 @@ from yolo_batch.inference.letterbox import (
     boxes_to_source,
     plan_letterbox,
 )
+
+if TYPE_CHECKING:
+    from yolo_batch.inference.runtimes.base import ModelInfo, Runtime
+    from yolo_batch.inference.runtimes.choice import RuntimeChoice
+    from yolo_batch.inference.runtimes.loader import ExportRecord
 
 log = logging.getLogger(__name__)
 
@@ -50,49 +55,78 @@ class NmsSettings:
 
 
 class Engine:
-    """A loaded detector on one device.
+    """A loaded detector on one device: the shared steps around one runtime.
+
+    Letterbox, collate, NMS (Ultralytics' own, through the adapter) and box scaling are the same for every
+    runtime; the :class:`~yolo_batch.inference.runtimes.base.Runtime` only turns a uint8 batch into the raw
+    network output.
 
     Args:
-        network: from :func:`yolo_batch.ultralytics_adapter.inference_network`.
+        runtime: the runtime's hook object.
+        info: class names, stride and head type.
         imgsz: the long side images are letterboxed to.
         nms: thresholds and filters applied to every batch.
+        choice: which runtime and precision, and why (None for an engine built directly).
+        export: where an exported runtime's model came from.
     """
 
-    def __init__(self, network: ultralytics_adapter.InferenceNetwork, imgsz: int, nms: NmsSettings) -> None:
-        self.network = network
+    def __init__(self, runtime: Runtime, info: ModelInfo, imgsz: int, nms: NmsSettings,
+                 choice: RuntimeChoice | None = None, export: ExportRecord | None = None) -> None:
+        self.runtime = runtime
+        self.info = info
         self.imgsz = imgsz
         self.nms = nms
-        self._local = threading.local()
-        self._owner: threading.Thread | None = None  # the thread running network.module itself
-        self._template: Any = None  # a copy never run, so never caught mid-update: other threads copy it
-        self._copy_lock = threading.Lock()
+        self.choice = choice
+        self.export = export
 
     @classmethod
     def load(cls, model: str, device: Any, half: bool, imgsz: int, nms: NmsSettings,
              channels_last: bool | None = None) -> Engine:
-        """Load ``model`` (yaml name or local .pt) through the adapter (never downloading).
+        """PyTorch, fp16 or fp32: load ``model`` (yaml name or local .pt) through the adapter (never downloading).
 
         Raises:
             InputError: unknown or unreadable model.
         """
-        yolo = ultralytics_adapter.load_model(model)
-        return cls(ultralytics_adapter.inference_network(yolo, device, half, channels_last), imgsz, nms)
+        from yolo_batch.inference.runtimes.torch import TorchRuntime
+
+        precision = "fp16" if half and device.type != "cpu" else "fp32"
+        runtime, info = TorchRuntime.load(model, device, precision, channels_last)
+        return cls(runtime, info, imgsz, nms)
+
+    @classmethod
+    def open(cls, model: str, device: Any, choice: RuntimeChoice, imgsz: int, nms: NmsSettings, max_batch: int,
+             streams: int = 1, threads: int = 1, use_cache: bool = True,
+             on_export: Callable[[str], None] | None = None, cache: Path | None = None) -> Engine:
+        """``model`` on the runtime ``choice`` names (exported and cached first where it needs an export).
+
+        Raises:
+            InputError: unknown model, a missing package, a failed export.
+        """
+        from yolo_batch.inference.runtimes.loader import open_runtime
+
+        opened = open_runtime(model, device, choice, imgsz, max_batch, streams, threads, use_cache, on_export,
+                              cache)
+        return cls(opened.runtime, opened.info, imgsz, nms, choice, opened.export)
 
     @property
     def stride(self) -> int:
-        return self.network.stride
+        return self.info.stride
 
     @property
     def names(self) -> Mapping[int, str]:
-        return self.network.names
+        return self.info.names
 
     @property
     def device(self) -> Any:
-        return self.network.device
+        return self.runtime.device
 
     @property
     def precision(self) -> str:
-        return "fp16" if self.network.half else "fp32"
+        return self.runtime.precision
+
+    @property
+    def backend(self) -> str:
+        return self.runtime.name
 
     def plan(self, height: int, width: int) -> Letterbox:
         return plan_letterbox(height, width, self.imgsz, self.stride, auto=True)
@@ -111,7 +145,7 @@ class Engine:
         shape = images[0].shape
         if any(im.shape != shape for im in images):
             raise ValueError("a batch must hold one shape: bucket images by letterboxed shape first")
-        pinned = self.device.type == "cuda"
+        pinned = self.runtime.pin_memory
         host = torch.empty((len(images), *shape), dtype=torch.uint8, pin_memory=pinned)
         view = host.numpy()
         for i, image in enumerate(images):
@@ -119,43 +153,9 @@ class Engine:
         return host
 
     def run(self, host: Any, plans: Sequence[Letterbox]) -> list[list[Detection]]:
-        """Forward + NMS on the device, boxes scaled back to each image's pixels."""
-        raw, shape = self.forward(host)
-        return self.postprocess(raw, plans, shape)
-
-    def forward(self, host: Any) -> tuple[Any, tuple[int, int]]:
-        """Copy (non-blocking), normalise on the device, run the network. Returns raw output and canvas (h, w)."""
-        import torch
-
-        net = self.network
-        with torch.inference_mode():
-            x = host.to(net.device, non_blocking=True)
-            x = x.permute(0, 3, 1, 2).flip(1)  # NHWC BGR -> NCHW RGB, on the device
-            x = (x.half() if net.half else x.float()).div_(255)
-            x = x.contiguous(memory_format=torch.channels_last if net.channels_last else torch.contiguous_format)
-            return self.thread_module()(x), (int(x.shape[2]), int(x.shape[3]))
-
-    def thread_module(self) -> Any:
-        """The network for the calling thread.
-
-        Ultralytics' Detect head caches the anchors of the last input shape in module attributes
-        (``Detect.shape``, ``anchors``, ``strides``), so two threads running one module on different shapes
-        can decode boxes with each other's anchors. One thread runs the loaded module; every other thread
-        alive at the same time gets its own copy, made from a template copied before the first forward pass
-        (weights are small next to a batch's activations).
-        """
-        module = getattr(self._local, "module", None)
-        if module is None:
-            with self._copy_lock:
-                if self._template is None:
-                    self._template = copy.deepcopy(self.network.module)
-                if self._owner is None or not self._owner.is_alive():
-                    self._owner = threading.current_thread()
-                    module = self.network.module
-                else:
-                    module = copy.deepcopy(self._template)
-            self._local.module = module
-        return module
+        """Forward pass on the runtime, then NMS, boxes scaled back to each image's pixels."""
+        raw = self.runtime(host)
+        return self.postprocess(raw, plans, (int(host.shape[1]), int(host.shape[2])))
 
     def postprocess(self, raw: Any, plans: Sequence[Letterbox], shape: tuple[int, int]) -> list[list[Detection]]:
         import torch
@@ -163,7 +163,7 @@ class Engine:
         nms = self.nms
         with torch.inference_mode():
             kept = ultralytics_adapter.non_max_suppression(raw, nms.conf, nms.iou, nms.classes, nms.max_det,
-                                                           self.network.end2end)
+                                                           self.info.end2end)
             counts = [int(k.shape[0]) for k in kept]
             rows = torch.cat([k[:, :6].float() for k in kept]).cpu().numpy() if sum(counts) else np.zeros((0, 6))
         if len(kept) != len(plans):
@@ -211,7 +211,4 @@ class Engine:
 
     def release(self) -> None:
         """Give cached device memory back (after an out-of-memory error, and at the end of a run)."""
-        if self.device.type == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
+        self.runtime.release()

@@ -34,6 +34,8 @@ from yolo_batch.inference.letterbox import Letterbox
 from yolo_batch.inference.oom_split import BatchSize, OomEvent
 from yolo_batch.inference.pipeline import Pipeline
 from yolo_batch.inference.progress import NullProgress, ProgressReporter
+from yolo_batch.inference.runtimes.choice import RuntimeChoice
+from yolo_batch.inference.runtimes.loader import resolve_runtime
 from yolo_batch.inference.sources import discover, relative_names
 from yolo_batch.inference.throughput import (
     AUTO_MAX_BATCH,
@@ -80,6 +82,9 @@ class InferenceSummary:
     oom_events: tuple[OomEvent, ...] = ()
     journal_dropped_lines: int = 0
     pipeline: dict[str, Any] = field(default_factory=dict)
+    backend: str = "torch"
+    runtime: dict[str, Any] = field(default_factory=dict)  # the RuntimeChoice: what was asked, chosen, and why
+    export: dict[str, Any] | None = None  # the ExportRecord of an exported runtime
 
     @property
     def exit_code(self) -> int:
@@ -91,7 +96,8 @@ class InferenceSummary:
             "processed": self.processed, "failed": self.failed, "detections": self.detections,
             "wall_s": round(self.wall_s, 3), "images_per_s": round(self.images_per_s, 2),
             "stage_s": {k: round(v, 3) for k, v in self.stage_s.items()}, "batch": self.batch,
-            "device": self.device, "precision": self.precision, "workers": self.workers, "threads": self.threads,
+            "device": self.device, "precision": self.precision, "backend": self.backend, "runtime": self.runtime,
+            "export": self.export, "workers": self.workers, "threads": self.threads,
             "streams": self.streams,
             "decoder": self.decoder.to_dict(), "padding": self.padding.to_dict(),
             "batch_choice": self.batch_choice.to_dict() if self.batch_choice else None,
@@ -113,11 +119,15 @@ class InferenceSummary:
             ("throughput", f"{self.images_per_s:.1f} img/s"),
             ("batch", str(self.batch) + (" (auto)" if self.batch_choice else "")),
             ("device", f"{self.device}, {self.precision}"),
+            ("runtime", f"{self.backend} {self.runtime.get('version', '')}, {self.precision}"
+                        + (f" ({self.runtime['reason']})" if self.runtime.get("reason") else "")),
             ("threads", f"{self.workers} decode, {self.streams} inference stream(s) x {self.threads} torch thread(s)"),
             ("decoder", self.decoder.name),
             ("padding", f"{self.padding.padding_fraction:.1%} of model input (square imgsz would be "
                         f"{self.padding.square_padding_fraction:.1%})"),
         ]
+        if self.export:
+            rows.append(("export", _describe_export(self.export)))
         rows += [("out of memory", f"batch {e.batch} -> {e.new_batch}") for e in self.oom_events]
         for name, value in rows:
             main.add_row(name, value)
@@ -131,6 +141,13 @@ class InferenceSummary:
         return Group(main, stages)
 
 
+def _describe_export(export: dict[str, Any]) -> str:
+    if export["hit"]:
+        return f"cached: {export['location']}"
+    where = export["location"] if export["cached"] else export["note"]
+    return f"exported in {export['seconds']:.1f} s: {where}"
+
+
 def run_inference(config: InferConfig, progress: ProgressReporter | None = None,
                   on_batch_choice: Callable[[ThroughputChoice], None] | None = None) -> InferenceSummary:
     """Run (or resume) ``config``; see the module docstring of :mod:`yolo_batch.inference`.
@@ -141,25 +158,25 @@ def run_inference(config: InferConfig, progress: ProgressReporter | None = None,
     start = time.perf_counter()
     progress = progress or NullProgress()
     discovery = discover(config.sources)  # before touching --out: bad sources must not create folders
-    device, half = inference_device(config.device, config.half)
-    _check_output(config)
-    engine = Engine.load(config.model, device, half, config.imgsz,
-                         NmsSettings(config.conf, config.iou, config.max_det, config.classes))
-    _clear_output(config)  # only once sources, device, folder and model are known to be good
-    journal, paths, pending = _resume(config, discovery.paths)
+    device, _ = inference_device(config.device, None)  # the precision is the runtime choice's
+    choice = resolve_runtime(config.backend, config.precision_request(), device)
+    _check_output(config, choice)
     on_gpu = device.type == "cuda"
     workers = config.workers or default_workers(on_gpu=on_gpu)
     threads, streams = cpu_parallelism(config, on_gpu)
+    engine = _open_engine(config, device, choice, threads, streams)
+    _clear_output(config)  # only once sources, device, folder and model are known to be good
+    journal, paths, pending = _resume(config, discovery.paths)
     with torch_threads(threads if not on_gpu or config.threads is not None else None):
         decoder, jpeg = choose_jpeg_decoder(_jpeg_samples(pending))
         reader = ImageReader(DecodeLimits(config.max_file_bytes, config.max_pixels), jpeg, config.image_window)
         if pending:
             _warmup(engine, reader, pending[0])
-        choice = _auto_batch(engine, reader, pending, config, device) if config.batch.is_auto else None
-        if choice is not None and on_batch_choice is not None:
-            on_batch_choice(choice)
-        batch_size = BatchSize(choice.batch if choice else config.batch.fixed or 1)
-        _write_manifest(config)
+        batch_choice = _auto_batch(engine, reader, pending, config, device) if config.batch.is_auto else None
+        if batch_choice is not None and on_batch_choice is not None:
+            on_batch_choice(batch_choice)
+        batch_size = BatchSize(batch_choice.batch if batch_choice else config.batch.fixed or 1)
+        _write_manifest(config, choice)
         stats = None
         if pending:
             progress.start(len(pending), len(paths) - len(pending))
@@ -177,12 +194,23 @@ def run_inference(config: InferConfig, progress: ProgressReporter | None = None,
         detections=stats.detections if stats else 0, wall_s=time.perf_counter() - start,
         images_per_s=stats.images / stats.wall_s if stats and stats.wall_s else 0.0,
         stage_s=dict(stats.stage_s) if stats else {}, batch=batch_size(), device=str(device),
-        precision=engine.precision, workers=workers, threads=threads, streams=streams, decoder=decoder,
-        padding=stats.padding if stats else NO_PADDING, batch_choice=choice, oom_events=tuple(batch_size.events),
+        precision=engine.precision, backend=engine.backend, runtime=choice.to_dict(),
+        export=engine.export.to_dict() if engine.export else None, workers=workers, threads=threads,
+        streams=streams, decoder=decoder, padding=stats.padding if stats else NO_PADDING, batch_choice=batch_choice,
+        oom_events=tuple(batch_size.events),
         journal_dropped_lines=journal.dropped_lines, pipeline=stats.to_dict() if stats else {},
     )
     write_json(config.out / OutputFile.SUMMARY.value, summary.to_dict())
     return summary
+
+
+def _open_engine(config: InferConfig, device: Any, choice: RuntimeChoice, threads: int, streams: int) -> Engine:
+    """The model on the chosen runtime (exported and cached first where the runtime needs it)."""
+    max_batch = config.batch.fixed or AUTO_MAX_BATCH.get(device.type, AUTO_MAX_BATCH["cpu"])
+    return Engine.open(config.model, device, choice, config.imgsz,
+                       NmsSettings(config.conf, config.iou, config.max_det, config.classes), max_batch=max_batch,
+                       streams=streams, threads=threads, use_cache=config.use_cache, on_export=log.warning,
+                       cache=config.export_cache)
 
 
 def _resume(config: InferConfig, discovered: Sequence[str]) -> tuple[JournalState, list[str], list[str]]:
@@ -224,7 +252,7 @@ def _clear_output(config: InferConfig) -> None:
             shutil.rmtree(out / folder.value, ignore_errors=True)
 
 
-def _check_output(config: InferConfig) -> None:
+def _check_output(config: InferConfig, choice: RuntimeChoice) -> None:
     """Refuse a file as --out, and a folder holding results made with other settings (unless overwriting)."""
     out = config.out
     if out.exists() and not out.is_dir():
@@ -237,16 +265,19 @@ def _check_output(config: InferConfig) -> None:
             before = json.loads(manifest.read_text()).get("result_settings")
         except ValueError:
             before = None
-        now = config.result_settings()
-        if before is not None and before != now:
-            changed = ", ".join(f"{k} {before.get(k)!r} -> {now[k]!r}" for k in now if before.get(k) != now[k])
+        now = config.result_settings(choice.backend, choice.precision)
+        # A manifest from before backends were recorded holds torch results; it lacks the key, so it is not compared.
+        changed = ", ".join(f"{k} {before[k]!r} -> {now[k]!r}" for k in now
+                            if before is not None and k in before and before[k] != now[k])
+        if changed:
             raise InputError(f"{out} holds results made with other settings ({changed}): "
                              f"use --overwrite to start fresh, or another --out")
 
 
-def _write_manifest(config: InferConfig) -> None:
+def _write_manifest(config: InferConfig, choice: RuntimeChoice) -> None:
     write_json(config.out / OutputFile.MANIFEST.value,
-               {"result_settings": config.result_settings(), "config": config.to_dict()})
+               {"result_settings": config.result_settings(choice.backend, choice.precision),
+                "runtime": choice.to_dict(), "config": config.to_dict()})
 
 
 def _warmup(engine: Engine, reader: ImageReader, path: str) -> None:

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from yolo_batch.core.devices import inference_device
+from yolo_batch.inference.config import requested_precision
 from yolo_batch.inference.decode import (
     DecodeLimits,
     DecoderChoice,
@@ -29,6 +30,7 @@ from yolo_batch.inference.decode import (
 from yolo_batch.inference.engine import Detection, Engine, NmsSettings
 from yolo_batch.inference.oom_split import BatchSize, OutOfMemoryAlone
 from yolo_batch.inference.runner import cpu_parallelism
+from yolo_batch.inference.runtimes.loader import resolve_runtime
 from yolo_batch.inference.stages import InferStep, Prepared, PrepareStep
 from yolo_batch.inference.throughput import (
     AUTO_MAX_BATCH,
@@ -97,16 +99,23 @@ class DetectorBackend:
 
     @classmethod
     def load(cls, config: ServeConfig) -> DetectorBackend:
-        """Resolve the device and load the model (never downloading); torch threads are set for the service.
+        """Resolve the device and the runtime (the same choice as ``infer``), load the model (never downloading;
+        exported and cached first for an exported runtime); torch threads are set for the service.
 
         Raises:
-            InputError: unknown or unreadable model, unknown device.
+            InputError: unknown or unreadable model, unknown device, a runtime or precision that cannot run here.
         """
         import torch
 
-        device, half = inference_device(config.device, config.half)
-        engine = Engine.load(config.model, device, half, config.imgsz,
-                             NmsSettings(config.conf, config.iou, config.max_det, config.classes))
+        device, _ = inference_device(config.device, None)  # the precision is the runtime choice's
+        choice = resolve_runtime(config.backend, requested_precision(config.precision, config.half), device)
+        threads, streams = cpu_parallelism(config, device.type == "cuda")  # type: ignore[arg-type]
+        max_batch = config.max_batch.fixed or AUTO_MAX_BATCH.get(device.type, AUTO_MAX_BATCH["cpu"])
+        engine = Engine.open(config.model, device, choice, config.imgsz,
+                             NmsSettings(config.conf, config.iou, config.max_det, config.classes), max_batch=max_batch,
+                             streams=streams, threads=threads, use_cache=config.cache, on_export=log.warning)
+        if engine.export is not None:
+            log.info("export: %s", engine.export.describe())
         backend = cls(engine, config)
         if device.type == "cpu" or config.threads is not None:
             backend._saved_threads = torch.get_num_threads()
@@ -159,7 +168,9 @@ class DetectorBackend:
     def info(self) -> dict[str, Any]:
         """Model, device and batch settings for /v1/info."""
         return {
-            "device": str(self.engine.device), "precision": self.engine.precision, "imgsz": self.engine.imgsz,
+            "device": str(self.engine.device), "precision": self.engine.precision, "backend": self.engine.backend,
+            "runtime": self.engine.choice.to_dict() if self.engine.choice else None,
+            "export": self.engine.export.to_dict() if self.engine.export else None, "imgsz": self.engine.imgsz,
             "classes": {int(k): v for k, v in self.engine.names.items()}, "max_batch": self.batch_size(),
             "max_batch_setting": str(self.config.max_batch),
             "batch_choice": self.batch_choice.to_dict() if self.batch_choice else None,

@@ -37,6 +37,7 @@ from rich.table import Table
 from yolo_batch.errors import InputError, YoloBatchError
 from yolo_batch.inference.config import BatchSetting, InferConfig
 from yolo_batch.inference.runner import run_inference
+from yolo_batch.inference.runtimes.choice import check_names
 from yolo_batch.inference.sources import discover
 from yolo_batch.serving.load import Client, RequestTiming, free_port, run_load
 
@@ -63,8 +64,11 @@ class ServeBenchConfig:
     workers: int | None = None
     threads: int | None = None
     streams: int | None = None
+    backend: str = "auto"  # both sides run the same runtime choice
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        check_names(self.backend, self.precision)
         if not isinstance(self.max_batch, BatchSetting):
             object.__setattr__(self, "max_batch", BatchSetting.parse(self.max_batch))
         for name in ("requests", "concurrency", "offline_rounds"):
@@ -232,7 +236,7 @@ def _offline(config: ServeBenchConfig, batch: int) -> tuple[float, str]:
             summary = run_inference(InferConfig(
                 sources=(config.source,), model=config.model, out=Path(out), batch=BatchSetting(batch),
                 imgsz=config.imgsz, device=config.device, workers=config.workers, threads=config.threads,
-                streams=config.streams))
+                streams=config.streams, backend=config.backend, precision=config.precision))
         best, device = max(best, summary.images_per_s), summary.device
     return best, device
 
@@ -241,7 +245,8 @@ def _start_server(config: ServeBenchConfig, port: int, log_path: Path) -> subpro
     command = [sys.executable, "-m", "yolo_batch.cli", "serve", "--model", config.model, "--host", "127.0.0.1",
                "--port", str(port), "--imgsz", str(config.imgsz), "--max-batch", str(config.max_batch),
                "--max-delay-ms", str(config.max_delay_ms), "--timeout-ms", "120000",
-               "--queue-size", str(max(1024, 4 * config.concurrency)), "--log-level", "warning"]
+               "--queue-size", str(max(1024, 4 * config.concurrency)), "--log-level", "warning",
+               "--backend", config.backend, "--precision", config.precision]
     for option, value in (("--device", config.device), ("--workers", config.workers), ("--threads", config.threads),
                           ("--streams", config.streams)):
         if value is not None:

@@ -29,6 +29,7 @@ from yolo_batch.core.checks import (
 )
 from yolo_batch.errors import InputError
 from yolo_batch.inference.config import BatchSetting
+from yolo_batch.inference.runtimes.choice import check_names
 
 ENV_PREFIX = "YOLO_BATCH_"
 TOKEN_ENV = "YOLO_BATCH_TOKEN"
@@ -65,7 +66,12 @@ class ServeConfig:
     profile: str = setting("default", "default, medical, inspection or a profile .yaml (its infer section).")
     imgsz: int = setting(640, "Long side after letterboxing.")
     device: str | None = setting(None, "'cpu' or one GPU such as '0'.", shown="GPU 0 if present")
-    half: bool | None = setting(None, "FP16.", shown="on a GPU")
+    half: bool | None = setting(None, "Older switch: false means precision fp32.", shown="auto")
+    backend: str = setting("auto", "auto, torch, openvino, onnxruntime or tensorrt (the same choice as infer).",
+                           shown="auto: the fastest runtime installed")
+    precision: str = setting("auto", "auto, fp32, fp16 or bf16.", shown="auto: fp16 on a GPU, bf16 on a CPU that "
+                                                                       "has it, else fp32")
+    cache: bool = setting(True, "Reuse a cached export of the model (--no-cache exports again).")
     conf: float = setting(0.25, "Confidence threshold.")
     iou: float = setting(0.7, "NMS IoU threshold.")
     max_det: int = setting(300, "Most detections per image.")
@@ -116,6 +122,7 @@ class ServeConfig:
             raise InputError("--watch and --out go together: the hot folder and where its results go")
         if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
             raise InputError("the token must be non-empty and without whitespace")
+        check_names(self.backend, self.precision)
         if self.log_level.lower() not in LOG_LEVELS:
             raise InputError(f"log level must be debug, info, warning or error, got '{self.log_level}'")
 

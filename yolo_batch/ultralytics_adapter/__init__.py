@@ -9,6 +9,8 @@
 * :mod:`.data` checks data yamls and train arguments by Ultralytics' own rules.
 * :mod:`.settings` asks Ultralytics what the trainer will do (defaults, stride, determinism, the AMP check) so the
   AutoBatch probe trains under the same settings.
+* :mod:`.export` exports through ``YOLO.export`` (never pip-installing what Ultralytics asks for), reads what the
+  export recorded, and runs Ultralytics' predict on an export (the benchmark's peer).
 * :mod:`.training` runs ``model.train`` with our callbacks and the 16-bit image reader, writes the DDP launch file
   (for checking it offline), and runs Ultralytics' own AutoBatch (the benchmark's peer).
 * :mod:`.trainer_control` (with :mod:`.controlled_trainer`, :mod:`.trainer_edits`) changes the batch of the
@@ -23,8 +25,18 @@ from yolo_batch.ultralytics_adapter.data import (
     label_paths,
     validate_train_args,
 )
+from yolo_batch.ultralytics_adapter.export import (
+    Exported,
+    MissingRequirement,
+    engine_offset,
+    export_model,
+    load_export,
+    no_installs,
+    predict_stream,
+)
 from yolo_batch.ultralytics_adapter.models import (
     InferenceNetwork,
+    check_model_spec,
     detection_model,
     inference_network,
     load_model,
@@ -70,7 +82,9 @@ __all__ = [
     "DEPENDS_ON",
     "SUPPORTED",
     "DeepImageReader",
+    "Exported",
     "InferenceNetwork",
+    "MissingRequirement",
     "TrainerCallback",
     "UltralyticsMismatch",
     "WorkerSetup",
@@ -79,22 +93,28 @@ __all__ = [
     "amp_forward_matches",
     "before_wrap_trainer",
     "check_dataset",
+    "check_model_spec",
     "ddp_launch_file",
     "deep_image_reader",
     "default_train_args",
     "detection_model",
     "determinism",
+    "engine_offset",
+    "export_model",
     "guards_active",
     "image_formats",
     "import_ultralytics",
     "inference_network",
     "label_paths",
+    "load_export",
     "load_model",
     "model_stride",
+    "no_installs",
     "non_max_suppression",
     "offline",
     "one_line",
     "parameter_count",
+    "predict_stream",
     "quiet",
     "reference_letterbox",
     "train",

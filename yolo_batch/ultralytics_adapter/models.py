@@ -25,12 +25,7 @@ def load_model(spec: str) -> Any:
     Raises:
         InputError: unknown yaml, missing or unreadable .pt, or a model that is not a detector.
     """
-    path = Path(spec)
-    if path.suffix == ".pt":
-        if not path.is_file():
-            raise InputError(f"model file not found: {spec} (weights are never downloaded; pass a local .pt)")
-    elif path.suffix not in {".yaml", ".yml"}:
-        raise InputError(f"unknown model '{spec}': use an Ultralytics yaml name such as yolo11n.yaml or a local .pt")
+    check_model_spec(spec)
     with offline() as ultralytics:
         try:
             model = ultralytics.YOLO(str(spec))
@@ -41,6 +36,20 @@ def load_model(spec: str) -> Any:
     if model.task != "detect":
         raise InputError(f"model '{spec}' is a {model.task} model; yolo-batch trains detection models")
     return model
+
+
+def check_model_spec(spec: str) -> None:
+    """The checks a model name passes before anything is loaded: a local .pt that exists, or a yaml name.
+
+    Raises:
+        InputError: a missing .pt, or a name that is neither.
+    """
+    path = Path(spec)
+    if path.suffix == ".pt":
+        if not path.is_file():
+            raise InputError(f"model file not found: {spec} (weights are never downloaded; pass a local .pt)")
+    elif path.suffix not in {".yaml", ".yml"}:
+        raise InputError(f"unknown model '{spec}': use an Ultralytics yaml name such as yolo11n.yaml or a local .pt")
 
 
 def detection_model(model: Any, nc: int, hyp: Mapping[str, Any]) -> Any:

@@ -79,6 +79,20 @@ DEPENDS_ON: tuple[Dependency, ...] = (
     Dependency("ultralytics.engine.trainer.BaseTrainer.final_eval", "validation OOMs in the final evaluation"),
     Dependency("ultralytics.models.yolo.detect.DetectionTrainer.get_dataloader", "rebuilding a loader at a new "
                "batch"),
+    Dependency("ultralytics.utils.checks.check_requirements", "replaced during exports and predict on an export: "
+                                                              "it pip-installs missing packages", private=True),
+    Dependency("ultralytics.utils.checks.check_tensorrt", "replaced during exports: it pip-installs TensorRT",
+               private=True),
+    Dependency("ultralytics.engine.exporter.check_requirements", "replaced during exports (imported by name)",
+               private=True),
+    Dependency("ultralytics.utils.export.engine.check_requirements", "replaced during TensorRT exports (imported by "
+                                                                     "name)", private=True),
+    Dependency("ultralytics.nn.backends.openvino.check_requirements", "replaced during predict on an OpenVINO "
+                                                                      "export (imported by name)", private=True),
+    Dependency("ultralytics.nn.backends.base.BaseBackend.read_metadata", "names, stride and end2end an export "
+                                                                         "recorded", private=True),
+    Dependency("ultralytics.nn.backends.base.BaseBackend.engine_header", "where a TensorRT engine starts after "
+                                                                         "Ultralytics' metadata header", private=True),
 )
 
 # Attributes of objects Ultralytics returns, read by yolo-batch (checked by tests that build the objects).
