@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,8 +34,8 @@ from yolo_batch.inference.engine import Engine, NmsSettings
 from yolo_batch.inference.headers import sniff_format
 from yolo_batch.inference.letterbox import Letterbox
 from yolo_batch.inference.oom_split import BatchSize, OomEvent
-from yolo_batch.inference.pipeline import Pipeline
-from yolo_batch.inference.progress import NullProgress, ProgressReporter
+from yolo_batch.core.progress import NullProgress, ProgressReporter
+from yolo_batch.inference.pipeline import Pipeline, Sink
 from yolo_batch.inference.sources import discover, relative_names
 from yolo_batch.inference.throughput import (
     AUTO_MAX_BATCH,
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 _STAGES = ("decode", "letterbox", "collate", "inference", "write")
 _DECODER_SAMPLES = 8
 _AUTO_SAMPLES = 8
+THROUGHPUT_PLOT = "throughput.png"  # --batch auto: the measurements, beside summary.json
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class InferenceSummary:
     oom_events: tuple[OomEvent, ...] = ()
     journal_dropped_lines: int = 0
     pipeline: dict[str, Any] = field(default_factory=dict)
+    throughput_plot: str | None = None  # --batch auto: the measurements as a picture
 
     @property
     def exit_code(self) -> int:
@@ -97,8 +101,14 @@ class InferenceSummary:
             "batch_choice": self.batch_choice.to_dict() if self.batch_choice else None,
             "oom_events": [e.to_dict() for e in self.oom_events],
             "journal_dropped_lines": self.journal_dropped_lines, "pipeline": self.pipeline,
-            "exit_code": self.exit_code,
+            "throughput_plot": self.throughput_plot, "exit_code": self.exit_code,
         }
+
+    def _batch_text(self) -> str:
+        if self.batch_choice is None:
+            return str(self.batch)
+        plotted = f", plotted in {self.throughput_plot}" if self.throughput_plot else ""
+        return f"{self.batch} (auto{plotted})"
 
     def table(self) -> Group:
         """The final table: totals, throughput and per-stage time."""
@@ -111,7 +121,7 @@ class InferenceSummary:
             ("detections", str(self.detections)),
             ("wall time", f"{self.wall_s:.2f} s"),
             ("throughput", f"{self.images_per_s:.1f} img/s"),
-            ("batch", str(self.batch) + (" (auto)" if self.batch_choice else "")),
+            ("batch", self._batch_text()),
             ("device", f"{self.device}, {self.precision}"),
             ("threads", f"{self.workers} decode, {self.streams} inference stream(s) x {self.threads} torch thread(s)"),
             ("decoder", self.decoder.name),
@@ -131,58 +141,127 @@ class InferenceSummary:
         return Group(main, stages)
 
 
+@dataclass
+class OpenRun:
+    """A run ready to start: sources found, model loaded and warmed up, decoder and batch chosen.
+
+    Made by :func:`open_run` for :func:`run_inference` (files) and :func:`yolo_batch.inference.stream.iter_inference`
+    (results handed to the caller), so both run the same set-up and the same pipeline.
+    """
+
+    config: InferConfig
+    engine: Engine
+    reader: ImageReader
+    device: Any
+    paths: list[str]  # every image of the sources (our own annotated copies excluded)
+    pending: list[str]  # those without a result in the output folder's journal
+    journal: JournalState
+    workers: int
+    threads: int
+    streams: int
+    decoder: DecoderChoice
+    batch_size: BatchSize
+    choice: ThroughputChoice | None
+    throughput_plot: Path | None
+
+    def pipeline(self, sink: Sink, on_progress: Callable[[int, int], None] | None = None,
+                 keep_originals: bool | None = None) -> Pipeline:
+        """The pipeline over this run's engine, reader and batch, writing into ``sink`` (decoded images carried
+        along for annotated copies when ``keep_originals``, by default when the config saves them)."""
+        keep = self.config.save_annotated if keep_originals is None else keep_originals
+        return Pipeline(self.engine, self.reader.read, sink, self.batch_size, self.workers, self.config.imgsz,
+                        keep_originals=keep, on_progress=on_progress, streams=self.streams)
+
+
+@contextlib.contextmanager
+def open_run(config: InferConfig, write_files: bool = True,
+             on_batch_choice: Callable[[ThroughputChoice], None] | None = None) -> Iterator[OpenRun]:
+    """Discover, load, warm up and choose; the engine's memory and torch's thread count are restored on exit.
+
+    With ``write_files`` the output folder is checked, cleared (``overwrite``), its journal read (resume) and its
+    manifest written; with ``--batch auto`` the measurements are plotted there as ``throughput.png``. Without,
+    nothing is written and every image is pending.
+
+    Raises:
+        InputError: bad sources, model, device, or an output folder holding another configuration's results.
+    """
+    discovery = discover(config.sources)  # before touching --out: bad sources must not create folders
+    device, half = inference_device(config.device, config.half)
+    if write_files:
+        _check_output(config)
+    engine = Engine.load(config.model, device, half, config.imgsz,
+                         NmsSettings(config.conf, config.iou, config.max_det, config.classes))
+    if write_files:
+        _clear_output(config)  # only once sources, device, folder and model are known to be good
+        journal, paths, pending = _resume(config, discovery.paths)
+    else:
+        journal, paths = JournalState(done=frozenset(), detections=0, dropped_lines=0), list(discovery.paths)
+        pending = paths
+    on_gpu = device.type == "cuda"
+    threads, streams = cpu_parallelism(config, on_gpu)
+    try:
+        with torch_threads(threads if not on_gpu or config.threads is not None else None):
+            decoder, jpeg = choose_jpeg_decoder(_jpeg_samples(pending))
+            reader = ImageReader(DecodeLimits(config.max_file_bytes, config.max_pixels), jpeg, config.image_window)
+            if pending:
+                _warmup(engine, reader, pending[0])
+            choice = _auto_batch(engine, reader, pending, config, device) if config.batch.is_auto else None
+            plot = _plot(choice, config.out / THROUGHPUT_PLOT) if choice is not None and write_files else None
+            if choice is not None and on_batch_choice is not None:
+                on_batch_choice(choice)
+            if write_files:
+                _write_manifest(config)
+            yield OpenRun(config=config, engine=engine, reader=reader, device=device, paths=paths, pending=pending,
+                          journal=journal, workers=config.workers or default_workers(on_gpu=on_gpu),
+                          threads=threads, streams=streams, decoder=decoder,
+                          batch_size=BatchSize(choice.batch if choice else config.batch.fixed or 1), choice=choice,
+                          throughput_plot=plot)
+    finally:
+        engine.release()
+
+
 def run_inference(config: InferConfig, progress: ProgressReporter | None = None,
                   on_batch_choice: Callable[[ThroughputChoice], None] | None = None) -> InferenceSummary:
     """Run (or resume) ``config``; see the module docstring of :mod:`yolo_batch.inference`.
+
+    With ``--batch auto`` the measurements are plotted as ``throughput.png`` in the output folder.
 
     Raises:
         InputError: bad sources, model, device, or an output folder holding another configuration's results.
     """
     start = time.perf_counter()
     progress = progress or NullProgress()
-    discovery = discover(config.sources)  # before touching --out: bad sources must not create folders
-    device, half = inference_device(config.device, config.half)
-    _check_output(config)
-    engine = Engine.load(config.model, device, half, config.imgsz,
-                         NmsSettings(config.conf, config.iou, config.max_det, config.classes))
-    _clear_output(config)  # only once sources, device, folder and model are known to be good
-    journal, paths, pending = _resume(config, discovery.paths)
-    on_gpu = device.type == "cuda"
-    workers = config.workers or default_workers(on_gpu=on_gpu)
-    threads, streams = cpu_parallelism(config, on_gpu)
-    with torch_threads(threads if not on_gpu or config.threads is not None else None):
-        decoder, jpeg = choose_jpeg_decoder(_jpeg_samples(pending))
-        reader = ImageReader(DecodeLimits(config.max_file_bytes, config.max_pixels), jpeg, config.image_window)
-        if pending:
-            _warmup(engine, reader, pending[0])
-        choice = _auto_batch(engine, reader, pending, config, device) if config.batch.is_auto else None
-        if choice is not None and on_batch_choice is not None:
-            on_batch_choice(choice)
-        batch_size = BatchSize(choice.batch if choice else config.batch.fixed or 1)
-        _write_manifest(config)
+    with open_run(config, write_files=True, on_batch_choice=on_batch_choice) as run:
         stats = None
-        if pending:
-            progress.start(len(pending), len(paths) - len(pending))
+        if run.pending:
+            progress.start(len(run.pending), len(run.paths) - len(run.pending))
             try:
-                with ResultWriter(config.out, config.formats, config.save_annotated, relative_names(paths)) as writer:
-                    stats = Pipeline(engine, reader.read, writer, batch_size, workers, config.imgsz,
-                                     keep_originals=config.save_annotated,
-                                     on_progress=progress.update, streams=streams).run(pending)
+                with ResultWriter(config.out, config.formats, config.save_annotated,
+                                  relative_names(run.paths)) as writer:
+                    stats = run.pipeline(writer, on_progress=progress.update).run(run.pending)
             finally:
                 progress.stop()
-                engine.release()
+    paths, pending, batch_size = run.paths, run.pending, run.batch_size
     summary = InferenceSummary(
         out_dir=str(config.out), images_total=len(paths), done_before=len(paths) - len(pending),
         processed=stats.images if stats else 0, failed=stats.failed if stats else 0,
         detections=stats.detections if stats else 0, wall_s=time.perf_counter() - start,
         images_per_s=stats.images / stats.wall_s if stats and stats.wall_s else 0.0,
-        stage_s=dict(stats.stage_s) if stats else {}, batch=batch_size(), device=str(device),
-        precision=engine.precision, workers=workers, threads=threads, streams=streams, decoder=decoder,
-        padding=stats.padding if stats else NO_PADDING, batch_choice=choice, oom_events=tuple(batch_size.events),
-        journal_dropped_lines=journal.dropped_lines, pipeline=stats.to_dict() if stats else {},
+        stage_s=dict(stats.stage_s) if stats else {}, batch=batch_size(), device=str(run.device),
+        precision=run.engine.precision, workers=run.workers, threads=run.threads, streams=run.streams,
+        decoder=run.decoder, padding=stats.padding if stats else NO_PADDING, batch_choice=run.choice,
+        oom_events=tuple(batch_size.events), journal_dropped_lines=run.journal.dropped_lines,
+        pipeline=stats.to_dict() if stats else {},
+        throughput_plot=str(run.throughput_plot) if run.throughput_plot else None,
     )
     write_json(config.out / OutputFile.SUMMARY.value, summary.to_dict())
     return summary
+
+
+def _plot(choice: ThroughputChoice, path: Path) -> Path:
+    from yolo_batch.inference.plots import save_throughput_plot
+
+    return save_throughput_plot(choice, path)
 
 
 def _resume(config: InferConfig, discovered: Sequence[str]) -> tuple[JournalState, list[str], list[str]]:
