@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+from types import SimpleNamespace
 
 import pytest
 from fakes import GIB, CurveGpu, FakeBackend, FakeDevice, convex, fake_pynvml
@@ -14,7 +14,7 @@ from yolo_batch.inference.throughput import ThroughputSample, choose_throughput_
 from yolo_batch.training.config import BatchRequest, Rounding, SizingConfig
 from yolo_batch.training.decision import AutoBatchDecision, GpuBudget, ProbeSample
 from yolo_batch.training.plots import autobatch_figure
-from yolo_batch.training.run import DECISION_FILE, DECISION_PLOT, save_decision
+from yolo_batch.training.run import DECISION_PLOT, DecisionPlot
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -85,17 +85,17 @@ def test_no_plot_without_measured_memory(tmp_path, change):
     assert not (tmp_path / "autobatch.png").exists()
 
 
-def test_the_run_folder_gets_the_plot_beside_the_decision(tmp_path):
-    folder = tmp_path / "run"
-    folder.mkdir()
-    save_decision(recorded_decision(), folder)
-    assert json.loads((folder / DECISION_FILE).read_text())["batch"] == 32
-    png = (folder / DECISION_PLOT).read_bytes()
+def test_the_run_folder_gets_the_plot_before_epoch_1(tmp_path):
+    # the callback train() registers for on_pretrain_routine_end, given a trainer's run folder
+    trainer = SimpleNamespace(save_dir=str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    assert DecisionPlot(recorded_decision())(trainer) == tmp_path / "run" / DECISION_PLOT
+    png = (tmp_path / "run" / DECISION_PLOT).read_bytes()
     assert png.startswith(PNG) and len(png) > 10_000
-    cpu = tmp_path / "cpu"
-    cpu.mkdir()
-    save_decision(dataclasses.replace(recorded_decision(), probes=(), gpus=(), source="fallback"), cpu)
-    assert sorted(p.name for p in cpu.iterdir()) == [DECISION_FILE]
+    cpu = SimpleNamespace(save_dir=str(tmp_path / "cpu"))
+    (tmp_path / "cpu").mkdir()
+    assert DecisionPlot(dataclasses.replace(recorded_decision(), probes=(), gpus=(), source="fallback"))(cpu) is None
+    assert list((tmp_path / "cpu").iterdir()) == []
 
 
 def test_a_decision_measured_on_a_fake_gpu_plots(shapes_yaml, tmp_path):

@@ -61,6 +61,7 @@ from yolo_batch.ultralytics_adapter.training import (
     before_wrap_trainer,
     ddp_launch_file,
     deep_image_reader,
+    final_metrics,
     train,
     ultralytics_batch_size,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "default_train_args",
     "detection_model",
     "determinism",
+    "final_metrics",
     "guards_active",
     "image_formats",
     "import_ultralytics",
