@@ -59,7 +59,8 @@ def options(**given):
 @pytest.mark.parametrize("cli, python", [
     ({}, {}),
     ({"batch": "0.7", "imgsz": 320, "epochs": 5}, {"batch": 0.7, "imgsz": 320, "epochs": 5}),
-    ({"batch": "32", "profile": "inspection", "no_cache": True}, {"batch": 32, "profile": "inspection", "cache": False}),
+    ({"batch": "32", "profile": "inspection", "no_cache": True},
+     {"batch": 32, "profile": "inspection", "cache": False}),
     ({"profile": "medical", "bn": "freeze", "extra": {"mosaic": 0.0}},
      {"profile": "medical", "bn": "freeze", "extra": {"mosaic": 0.0}}),
 ])

@@ -77,7 +77,7 @@ def test_a_stage_error_reaches_the_consumer_after_the_results_before_it():
     got = []
     with pytest.raises(ValueError, match="bug in a stage"):
         for item in stream:
-            got.append(item)  # noqa: PERF402  (what arrived before the error is the point)
+            got.append(item)
     assert len(got) == 8  # the two batches before the failing one
     assert not stream_threads()
 

@@ -186,7 +186,8 @@ def test_cached_dataset_names_the_set_and_seed(tmp_path: Path, built: dict[str, 
     assert data_yaml == tmp_path / "big-shapes-v1" / "data.yaml"
     assert _labels(data_yaml.parent) == _labels(built["big-shapes"])
     other = cached_dataset("big-shapes", tmp_path, seed=3)
-    assert other == tmp_path / "big-shapes-v1-seed3" / "data.yaml" and _labels(other.parent) != _labels(built["big-shapes"])
+    assert other == tmp_path / "big-shapes-v1-seed3" / "data.yaml"
+    assert _labels(other.parent) != _labels(built["big-shapes"])
     assert cached_dataset("shapes", tmp_path) == default_dataset(tmp_path)
     with pytest.raises(ValueError, match="unknown dataset"):
         cached_dataset("nope", tmp_path)

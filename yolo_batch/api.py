@@ -21,9 +21,9 @@ from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from yolo_batch.core.models import DEFAULT_MODEL
 from yolo_batch.core.progress import ConsoleReporter, Reporter
 from yolo_batch.errors import InputError
-from yolo_batch.core.models import DEFAULT_MODEL
 from yolo_batch.training.config import BatchRequest, SizingConfig, TrainConfig
 
 if TYPE_CHECKING:

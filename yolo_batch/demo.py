@@ -21,11 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from yolo_batch.core.models import DEFAULT_MODEL
 from yolo_batch.core.progress import ProgressReporter, Reporter
 from yolo_batch.inference.runner import InferenceSummary
 from yolo_batch.inference.throughput import ThroughputChoice
 from yolo_batch.profiles import BUILTIN, Profile
-from yolo_batch.core.models import DEFAULT_MODEL
 from yolo_batch.training.decision import AutoBatchDecision
 from yolo_batch.training.run import TrainResult
 

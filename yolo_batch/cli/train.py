@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -153,7 +154,9 @@ def demo(epochs: int | None, device: str | None, project: str, quiet: bool) -> N
     from yolo_batch.render import print_decision
     from yolo_batch.ultralytics_adapter import quiet as quiet_ultralytics
 
-    config = DemoConfig(device=device, project=project, **({"epochs": epochs} if epochs is not None else {}))
+    config = DemoConfig(device=device, project=project)
+    if epochs is not None:
+        config = dataclasses.replace(config, epochs=epochs)
     reporter = reporter_for(quiet)
     err = Console(stderr=True)
     with quiet_ultralytics() if quiet else contextlib.nullcontext():

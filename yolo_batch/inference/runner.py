@@ -20,6 +20,7 @@ from rich.table import Table
 
 from yolo_batch.core.devices import inference_device, torch_threads
 from yolo_batch.core.files import write_json
+from yolo_batch.core.progress import NullProgress, ProgressReporter
 from yolo_batch.errors import InputError
 from yolo_batch.inference.buckets import NO_PADDING, PaddingStats
 from yolo_batch.inference.config import InferConfig, OutputFormat, default_workers
@@ -34,7 +35,6 @@ from yolo_batch.inference.engine import Engine, NmsSettings
 from yolo_batch.inference.headers import sniff_format
 from yolo_batch.inference.letterbox import Letterbox
 from yolo_batch.inference.oom_split import BatchSize, OomEvent
-from yolo_batch.core.progress import NullProgress, ProgressReporter
 from yolo_batch.inference.pipeline import Pipeline, Sink
 from yolo_batch.inference.sources import discover, relative_names
 from yolo_batch.inference.throughput import (
