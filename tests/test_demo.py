@@ -48,7 +48,9 @@ def test_on_a_gpu_the_demo_measures_and_keeps_the_steps_per_epoch(demo_data):
 
 @pytest.mark.slow
 def test_the_demo_wiring_end_to_end_at_tiny_size(tmp_path):
-    result = run_demo(DemoConfig(dataset="shapes", epochs=1, imgsz=32, device="cpu", project=str(tmp_path / "runs")))
+    config = DemoConfig(dataset="shapes", epochs=1, imgsz=32, device="cpu", project=str(tmp_path / "runs"),
+                        extra={"plots": False, "workers": 0})
+    result = run_demo(config)
     run = tmp_path / "runs" / "train"
     assert result.train.save_dir == run
     assert json.loads((run / "autobatch.json").read_text())["profile"] == "demo"

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from yolo_batch.core.models import DEFAULT_MODEL
 from yolo_batch.core.progress import ProgressReporter, Reporter
@@ -49,6 +50,7 @@ class DemoConfig:
     device: str | None = None
     project: str = "runs/demo"
     name: str = "train"
+    extra: Mapping[str, Any] = field(default_factory=dict)  # more Ultralytics train arguments (--set)
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ def run_demo(config: DemoConfig | None = None, *, on_decision: Callable[[AutoBat
     data = cached_dataset(config.dataset, cache_dir() / "datasets")
     training = train_config(DEMO_PROFILE, model=config.model, data=data, batch=BatchRequest(), epochs=config.epochs,
                             device=config.device, imgsz=config.imgsz, project=str(Path(config.project).resolve()),
-                            name=config.name)
+                            name=config.name, extra=config.extra)
     result = train(training, on_decision=on_decision, progress=progress)
     if result.weights is None:  # only a multi-GPU run keeps its weights in worker processes' reach
         raise RuntimeError(f"training left no weights in {result.save_dir}")
