@@ -199,10 +199,10 @@ class DecisionPlot:
     def __init__(self, decision: AutoBatchDecision) -> None:
         self.decision = decision
 
-    def __call__(self, trainer: Any) -> Path | None:
+    def __call__(self, trainer: Any) -> None:
         from yolo_batch.training.plots import save_autobatch_plot
 
-        return save_autobatch_plot(self.decision, Path(trainer.save_dir) / DECISION_PLOT)
+        save_autobatch_plot(self.decision, Path(trainer.save_dir) / DECISION_PLOT)
 
 
 def _start(config: TrainConfig, data: Path, info: DatasetInfo, model: Any, backend: GpuBackend | None,
