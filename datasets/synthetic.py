@@ -41,6 +41,12 @@ class SyntheticSpec:
     imgsz: int
     max_objects: int
     grey: bool = False
+    style: str = ""  # how images are drawn ("shapes" or "defects"); empty: the set's own name
+    object_scale: float = 1.0  # object sizes as a multiple of the style's own size range
+
+    @property
+    def painter(self) -> str:
+        return self.style or self.name
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,12 @@ BUILTIN_SETS: Mapping[str, SyntheticSpec] = MappingProxyType({
     "defects": SyntheticSpec(
         "defects", "Scratches, dents and cracks on brushed grey metal (industrial-inspection look).",
         ("scratch", "dent", "crack"), n_train=64, n_val=16, imgsz=320, max_objects=6, grey=True),
+    # the demo's set: what a from-scratch yolo11n learns in minutes on a CPU (see yolo_batch.demo)
+    "big-shapes": SyntheticSpec(
+        "big-shapes", "The shapes classes twice as large (about a quarter of the image), 1-4 per image, at 128 px: "
+        "learnable from scratch in minutes on a CPU (yolo-batch demo).",
+        ("circle", "rectangle", "triangle", "cross"), n_train=256, n_val=32, imgsz=128, max_objects=4,
+        style="shapes", object_scale=2.0),
 })
 
 
@@ -68,7 +80,7 @@ def list_builtin() -> list[SyntheticSpec]:
     return list(BUILTIN_SETS.values())
 
 
-# --- object masks: (rng, s) -> uint8 (s, s) mask, 255 where the object is drawn -------------------
+# --- object masks: (rng, s, k) -> uint8 (s, s) mask, 255 where the object is drawn; k scales its size ----
 # Hard-edged (LINE_8) drawing keeps the mask exactly equal to the painted pixels, so boxes are exact.
 
 def _centre(rng: np.random.Generator, s: int) -> np.ndarray:
@@ -93,50 +105,50 @@ def _rect(centre: np.ndarray, half_w: float, half_h: float, angle: float) -> np.
     return corners @ np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]]) + centre
 
 
-def _circle(rng: np.random.Generator, s: int) -> np.ndarray:
-    radius = int(round(rng.uniform(0.04, 0.14) * s))
+def _circle(rng: np.random.Generator, s: int, k: float) -> np.ndarray:
+    radius = int(round(rng.uniform(0.04, 0.14) * k * s))
     return cv2.circle(np.zeros((s, s), np.uint8), _pt(_centre(rng, s)), radius, 255, -1, cv2.LINE_8)
 
 
-def _rectangle(rng: np.random.Generator, s: int) -> np.ndarray:
-    half = rng.uniform(0.04, 0.15, size=2) * s
+def _rectangle(rng: np.random.Generator, s: int, k: float) -> np.ndarray:
+    half = rng.uniform(0.04, 0.15, size=2) * k * s
     return _fill(s, _rect(_centre(rng, s), half[0], half[1], rng.uniform(0, np.pi)))
 
 
-def _triangle(rng: np.random.Generator, s: int) -> np.ndarray:
+def _triangle(rng: np.random.Generator, s: int, k: float) -> np.ndarray:
     angles = rng.uniform(0, 2 * np.pi) + np.radians(np.array([0, 120, 240]) + rng.uniform(-25, 25, size=3))
-    radii = rng.uniform(0.06, 0.16) * s * rng.uniform(0.8, 1.0, size=3)
+    radii = rng.uniform(0.06, 0.16) * k * s * rng.uniform(0.8, 1.0, size=3)
     return _fill(s, _centre(rng, s) + np.stack([np.cos(angles), np.sin(angles)], 1) * radii[:, None])
 
 
-def _cross(rng: np.random.Generator, s: int) -> np.ndarray:
-    centre, arm, angle = _centre(rng, s), rng.uniform(0.06, 0.15) * s, rng.uniform(0, np.pi / 2)
+def _cross(rng: np.random.Generator, s: int, k: float) -> np.ndarray:
+    centre, arm, angle = _centre(rng, s), rng.uniform(0.06, 0.15) * k * s, rng.uniform(0, np.pi / 2)
     bar = arm * rng.uniform(0.25, 0.4)
     return _fill(s, _rect(centre, arm, bar, angle)) | _fill(s, _rect(centre, bar, arm, angle))
 
 
-def _scratch(rng: np.random.Generator, s: int) -> np.ndarray:
-    centre, angle, half = _centre(rng, s), rng.uniform(0, np.pi), rng.uniform(0.08, 0.25) * s
+def _scratch(rng: np.random.Generator, s: int, k: float) -> np.ndarray:
+    centre, angle, half = _centre(rng, s), rng.uniform(0, np.pi), rng.uniform(0.08, 0.25) * k * s
     offset = half * np.array([np.cos(angle), np.sin(angle)])
     return _stroke(rng, s, np.stack([centre - offset, centre + offset]))
 
 
-def _dent(rng: np.random.Generator, s: int) -> np.ndarray:
-    a = rng.uniform(0.02, 0.07) * s
+def _dent(rng: np.random.Generator, s: int, k: float) -> np.ndarray:
+    a = rng.uniform(0.02, 0.07) * k * s
     axes = (int(round(a)), int(round(a * rng.uniform(0.5, 1.0))))
     centre, angle = _pt(_centre(rng, s)), rng.uniform(0, 180)
     return cv2.ellipse(np.zeros((s, s), np.uint8), centre, axes, angle, 0, 360, 255, -1, cv2.LINE_8)
 
 
-def _crack(rng: np.random.Generator, s: int) -> np.ndarray:
+def _crack(rng: np.random.Generator, s: int, k: float) -> np.ndarray:
     # a random walk whose heading drifts reads as a crack; straight segments would read as scratches
     n = int(rng.integers(6, 14))
     headings = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.uniform(-0.8, 0.8, size=n))
-    steps = rng.uniform(0.02, 0.05, size=(n, 1)) * s * np.stack([np.cos(headings), np.sin(headings)], 1)
+    steps = rng.uniform(0.02, 0.05, size=(n, 1)) * k * s * np.stack([np.cos(headings), np.sin(headings)], 1)
     return _stroke(rng, s, _centre(rng, s) + np.vstack([[0.0, 0.0], np.cumsum(steps, 0)]))
 
 
-_MASKERS: Mapping[str, Callable[[np.random.Generator, int], np.ndarray]] = MappingProxyType({
+_MASKERS: Mapping[str, Callable[[np.random.Generator, int, float], np.ndarray]] = MappingProxyType({
     "circle": _circle, "rectangle": _rectangle, "triangle": _triangle, "cross": _cross,
     "scratch": _scratch, "dent": _dent, "crack": _crack})
 
@@ -197,7 +209,7 @@ _STYLES = MappingProxyType(
 
 
 def _render(spec: SyntheticSpec, rng: np.random.Generator, empty: bool) -> SyntheticSample:
-    s, (make_background, paint) = spec.imgsz, _STYLES[spec.name]
+    s, (make_background, paint) = spec.imgsz, _STYLES[spec.painter]
     background = np.clip(np.rint(make_background(rng, s)), 0, 255).astype(np.uint8)
     img, occupied = background.astype(np.float32), np.zeros((s, s), bool)
     boxes: list[np.ndarray] = []
@@ -205,7 +217,7 @@ def _render(spec: SyntheticSpec, rng: np.random.Generator, empty: bool) -> Synth
     for _ in range(0 if empty else int(rng.integers(1, spec.max_objects + 1))):
         cls = int(rng.integers(len(spec.class_names)))
         for _try in range(_PLACEMENT_TRIES):
-            where = _MASKERS[spec.class_names[cls]](rng, s) > 0
+            where = _MASKERS[spec.class_names[cls]](rng, s, spec.object_scale) > 0
             x, y, w, h = cv2.boundingRect(where.astype(np.uint8))  # of the clipped mask: the visible extent
             # disjoint masks: nothing is ever occluded, so every box stays tight around visible pixels
             if min(w, h) >= _MIN_BOX_PX and not (occupied & where).any():
@@ -322,13 +334,20 @@ def _is_complete(root: Path, spec: SyntheticSpec) -> bool:
 
 
 def default_dataset(cache_dir: str | os.PathLike) -> Path:
-    """Return `cache_dir/shapes-v1/data.yaml`, generating the set first if it is missing or incomplete.
+    """Return `cache_dir/shapes-v1/data.yaml`, generating the set first if it is missing or incomplete."""
+    return cached_dataset(_DEFAULT_NAME, cache_dir)
+
+
+def cached_dataset(name: str, cache_dir: str | os.PathLike, *, seed: int = _DEFAULT_SEED) -> Path:
+    """Return `cache_dir/<name>-v<version>[-seed<seed>]/data.yaml`, generating the set first if it is missing or
+    incomplete.
 
     The set is generated in a temporary sibling folder and renamed into place only when complete,
     so an interrupted run never leaves a folder that looks finished.
     """
-    spec, cache = BUILTIN_SETS[_DEFAULT_NAME], Path(cache_dir)
-    final = cache / f"{spec.name}-v{GENERATOR_VERSION}"
+    spec, cache = _get_spec(name, seed), Path(cache_dir)
+    suffix = f"-seed{seed}" if seed != _DEFAULT_SEED else ""
+    final = cache / f"{spec.name}-v{GENERATOR_VERSION}{suffix}"
     if _is_complete(final, spec):
         return final / "data.yaml"
     cache.mkdir(parents=True, exist_ok=True)
@@ -343,7 +362,7 @@ def default_dataset(cache_dir: str | os.PathLike) -> Path:
     tmp.mkdir()
     try:
         logger.info("generating built-in dataset %r in %s", spec.name, final)
-        _write_dataset(spec, tmp, _DEFAULT_SEED)
+        _write_dataset(spec, tmp, seed)
         if (final.exists() or final.is_symlink()) and not _is_complete(final, spec):
             # an incomplete leftover: a directory cannot be renamed onto a non-empty one, so move it aside
             stale = cache / f".{final.name}.tmp-stale-{secrets.token_hex(4)}"

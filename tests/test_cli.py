@@ -125,7 +125,7 @@ def test_datasets_make_never_overwrites_without_being_asked(tmp_path):
     assert refused.exit_code == 2 and refused.output.startswith("Error: ")
     assert (target / "keep.txt").read_text() == "precious"
     unknown = CliRunner().invoke(main, ["datasets", "make", "cats", str(tmp_path / "x")])
-    assert unknown.exit_code == 2 and "built-in sets: defects, shapes" in unknown.output
+    assert unknown.exit_code == 2 and "built-in sets: big-shapes, defects, shapes" in unknown.output
 
 
 def test_bench_autobatch_without_gpu_says_so_and_exits_0():

@@ -71,3 +71,23 @@ def test_streams_on_different_shapes_decode_their_own_boxes(detector):
     assert not wrong, f"{len(wrong)} of 240 forward passes decoded another stream's boxes"
     assert modules["wide"] is not modules["tall"]
     assert engine.runtime.thread_module() is engine.runtime.thread_module()  # one module per thread, kept
+
+
+def test_max_batch_auto_plots_beside_the_hot_folder_results_or_says_why_not(tmp_path, caplog):
+    caplog.set_level("INFO", logger="yolo_batch.serving.backend")
+    watched = ServeConfig(model="yolo11n.yaml", imgsz=64, device="cpu", max_batch="auto", max_latency_ms=2000.0,
+                          watch=tmp_path / "in", out=tmp_path / "out")
+    for config, plot in ((watched, tmp_path / "out" / "throughput.png"),
+                         (ServeConfig(model="yolo11n.yaml", imgsz=64, device="cpu", max_batch="auto"), None)):
+        backend = DetectorBackend.load(config)
+        try:
+            backend.warm_up()
+        finally:
+            backend.close()
+        info = backend.info()
+        assert info["batch_choice"]["batch"] == backend.batch_size()
+        if plot is None:
+            assert info["throughput_plot"] is None
+            assert "no --out, so no throughput.png" in caplog.text
+        else:
+            assert info["throughput_plot"] == str(plot) and plot.read_bytes().startswith(b"\x89PNG")

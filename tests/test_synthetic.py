@@ -12,6 +12,7 @@ import yaml
 from yolo_batch_datasets import (
     BUILTIN_SETS,
     SyntheticSpec,
+    cached_dataset,
     default_dataset,
     list_builtin,
     make_dataset,
@@ -32,17 +33,19 @@ def _labels(root: Path) -> dict[str, bytes]:
 
 def test_builtin_specs() -> None:
     specs = list_builtin()
-    assert [s.name for s in specs] == ["shapes", "defects"]
+    assert [s.name for s in specs] == ["shapes", "defects", "big-shapes"]
     assert all(isinstance(s, SyntheticSpec) for s in specs)
-    shapes, defects = BUILTIN_SETS["shapes"], BUILTIN_SETS["defects"]
+    shapes, defects, big = BUILTIN_SETS["shapes"], BUILTIN_SETS["defects"], BUILTIN_SETS["big-shapes"]
     assert (shapes.n_train, shapes.n_val, shapes.imgsz, shapes.max_objects) == (64, 16, 256, 8)
     assert (defects.n_train, defects.n_val, defects.imgsz, defects.max_objects) == (64, 16, 320, 6)
     assert defects.class_names == ("scratch", "dent", "crack") and defects.grey
+    assert (big.n_train, big.n_val, big.imgsz, big.max_objects) == (256, 32, 128, 4)
+    assert big.class_names == shapes.class_names and big.painter == "shapes" and big.object_scale == 2.0
     with pytest.raises(TypeError):
         BUILTIN_SETS["mine"] = shapes  # type: ignore[index]
 
 
-@pytest.mark.parametrize("name", ["shapes", "defects"])
+@pytest.mark.parametrize("name", ["shapes", "defects", "big-shapes"])
 def test_layout_and_labels(built: dict[str, Path], name: str) -> None:
     spec, root = BUILTIN_SETS[name], built[name]
     data = yaml.safe_load((root / "data.yaml").read_text())
@@ -90,7 +93,7 @@ def test_same_seed_is_identical_and_other_seed_differs(built: dict[str, Path], t
     assert _labels(other) != _labels(built["shapes"])
 
 
-@pytest.mark.parametrize("name", ["shapes", "defects"])
+@pytest.mark.parametrize("name", ["shapes", "defects", "big-shapes"])
 def test_boxes_are_tight_around_drawn_content(built: dict[str, Path], name: str) -> None:
     size = BUILTIN_SETS[name].imgsz
     checked = 0
@@ -114,6 +117,22 @@ def test_boxes_are_tight_around_drawn_content(built: dict[str, Path], name: str)
     assert checked > 10
 
 
+def test_big_shapes_are_larger_and_fewer_than_shapes() -> None:
+    # the demo's set is easier on purpose: objects about twice the size (relative to the image), at most four
+    def relative_sides(name: str) -> tuple[float, int]:
+        spec, sides, most = BUILTIN_SETS[name], [], 0
+        for index in range(spec.n_val):
+            sample = render_sample(name, split="val", index=index)
+            sides += list(np.sqrt((sample.boxes[:, 2] - sample.boxes[:, 0]) * (sample.boxes[:, 3] - sample.boxes[:, 1]))
+                          / spec.imgsz)
+            most = max(most, len(sample.boxes))
+        return float(np.median(sides)), most
+
+    (small, many), (big, few) = relative_sides("shapes"), relative_sides("big-shapes")
+    assert 1.6 < big / small < 2.4
+    assert few <= 4 < many
+
+
 def test_objects_stand_out_from_background_on_disk(built: dict[str, Path]) -> None:
     # after JPEG, pixels inside boxes still differ from the clean background far more than outside
     sample = render_sample("defects", split="val", index=0)
@@ -127,7 +146,7 @@ def test_objects_stand_out_from_background_on_disk(built: dict[str, Path]) -> No
 
 
 def test_unknown_name_lists_builtin_sets(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown dataset 'x'; built-in sets: defects, shapes"):
+    with pytest.raises(ValueError, match=r"unknown dataset 'x'; built-in sets: big-shapes, defects, shapes"):
         make_dataset("x", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="seed"):
@@ -160,6 +179,18 @@ def test_default_dataset_is_cached(tmp_path: Path) -> None:
     assert default_dataset(tmp_path / "cache") == data_yaml
     assert data_yaml.stat().st_mtime_ns == before and first_image.stat().st_mtime_ns == first_mtime
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["shapes-v1"]  # no temp folders left
+
+
+def test_cached_dataset_names_the_set_and_seed(tmp_path: Path, built: dict[str, Path]) -> None:
+    data_yaml = cached_dataset("big-shapes", tmp_path)
+    assert data_yaml == tmp_path / "big-shapes-v1" / "data.yaml"
+    assert _labels(data_yaml.parent) == _labels(built["big-shapes"])
+    other = cached_dataset("big-shapes", tmp_path, seed=3)
+    assert other == tmp_path / "big-shapes-v1-seed3" / "data.yaml"
+    assert _labels(other.parent) != _labels(built["big-shapes"])
+    assert cached_dataset("shapes", tmp_path) == default_dataset(tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        cached_dataset("nope", tmp_path)
 
 
 def test_default_dataset_recovers_from_interrupted_runs(tmp_path: Path, built: dict[str, Path]) -> None:

@@ -61,7 +61,7 @@ def test_the_object_attributes_we_read_are_still_where_ultralytics_sets_them():
     from ultralytics.engine.trainer import BaseTrainer
 
     setup = inspect.getsource(BaseTrainer)
-    for attribute in ("self.accumulate =", "self.save_dir =", "self.model ="):
+    for attribute in ("self.accumulate =", "self.save_dir =", "self.model =", "self.metrics = self.validator("):
         assert attribute in setup, attribute
     model = ua.load_model("yolo11n.yaml")
     assert isinstance(model.model.yaml, dict)

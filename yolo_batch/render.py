@@ -12,6 +12,7 @@ from yolo_batch.training.decision import AutoBatchDecision
 
 if TYPE_CHECKING:
     from yolo_batch.profiles import Profile
+    from yolo_batch.training.run import TrainResult
 
 
 def decision_table(decision: AutoBatchDecision) -> Group:
@@ -53,3 +54,20 @@ def profiles_table(profiles: Sequence[Profile]) -> Group:
     for profile in profiles:
         about.add_row(profile.name, profile.description)
     return Group(table, about)
+
+
+def train_result_lines(result: TrainResult) -> list[str]:
+    """Where a training run put things, and its final mAP: the lines ``train`` (and the demo) end with."""
+    lines = [f"run folder: {result.save_dir}", f"decision:   {result.decision_path}"]
+    if result.decision_plot is not None:
+        lines.append(f"plot:       {result.decision_plot}")
+    if result.weights is not None:
+        lines.append(f"weights:    {result.weights}")
+    lines.append(result.metrics_line())
+    return lines
+
+
+def print_train_result(result: TrainResult, console: Console | None = None) -> None:
+    console = console or Console(highlight=False)
+    for line in train_result_lines(result):
+        console.print(line, markup=False, soft_wrap=True)

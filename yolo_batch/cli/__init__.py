@@ -23,7 +23,8 @@ def bench() -> None:
     """Benchmarks against the Ultralytics baseline, measured in one run."""
 
 
-for _command in (train.train, train.autobatch, catalog.datasets, catalog.profiles, infer.infer, serve.serve):
+for _command in (train.train, train.autobatch, train.demo, catalog.datasets, catalog.profiles, infer.infer,
+                 serve.serve):
     main.add_command(_command)
 for _name, _command in (("autobatch", train.bench_autobatch), ("infer", infer.bench_infer),
                         ("serve", serve.bench_serve)):

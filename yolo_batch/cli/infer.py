@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,20 +54,13 @@ def infer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def build_infer_config(sources: tuple[str, ...], opts: dict[str, Any], **more: Any) -> Any:
     """Map parsed options onto :class:`InferConfig` (raises InputError for bad values)."""
-    from yolo_batch.inference import BatchSetting, InferConfig
-    from yolo_batch.profiles import infer_settings, load_profile
+    from yolo_batch.api import build_infer_config as build
 
-    profile = load_profile(opts["profile"] or "default")
-    settings = infer_settings(profile, batch=opts["batch"], half=opts["half"],
-                              max_latency_ms=more.pop("max_latency_ms", None))
-    return InferConfig(
-        sources=sources, model=opts["model"], batch=BatchSetting.parse(settings["batch"]), imgsz=opts["imgsz"],
-        device=opts["device"], half=settings["half"], max_latency_ms=settings["max_latency_ms"],
-        image_window=profile.image_window,
-        conf=opts["conf"], iou=opts["iou"], max_det=opts["max_det"], backend=opts["backend"],
-        precision=opts["precision"], use_cache=not opts["no_cache"], classes=opts["classes"],
-        workers=opts["workers"], threads=opts["threads"], streams=opts["streams"], **more,
-    )
+    return build(sources, model=opts["model"], profile=opts["profile"], batch=opts["batch"], half=opts["half"],
+                 imgsz=opts["imgsz"], device=opts["device"], conf=opts["conf"], iou=opts["iou"],
+                 max_det=opts["max_det"], classes=opts["classes"], workers=opts["workers"], threads=opts["threads"],
+                 streams=opts["streams"], backend=opts["backend"], precision=opts["precision"],
+                 use_cache=not opts["no_cache"], **more)
 
 
 @click.command()
@@ -93,19 +85,14 @@ def infer(sources: tuple[str, ...], out: Path, formats: tuple[str, ...], save_an
     """
     from rich.console import Console
 
+    from yolo_batch.core.progress import reporter_for
     from yolo_batch.inference import run_inference
-    from yolo_batch.inference.progress import NullProgress, PlainProgress, RichProgress
     from yolo_batch.ultralytics_adapter import quiet as quiet_ultralytics
 
     config = build_infer_config(sources, opts, out=out, formats=("jsonl", *formats), save_annotated=save_annotated,
                                 max_latency_ms=max_latency_ms, overwrite=overwrite)
     err = Console(stderr=True)
-    if quiet:
-        progress: Any = NullProgress()
-    elif sys.stderr.isatty():
-        progress = RichProgress(err)
-    else:
-        progress = PlainProgress(sys.stderr)
+    progress = reporter_for(quiet).task("infer", failures=True)
     tables = None if quiet else (err if as_json else Console())
     try:
         with quiet_ultralytics():

@@ -1,8 +1,9 @@
-"""``train``, ``autobatch`` and ``bench autobatch``: the training AutoBatch from the command line."""
+"""``train``, ``autobatch``, ``bench autobatch`` and ``demo``: the training AutoBatch from the command line."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,12 @@ import click
 from yolo_batch.cli.common import command, parse_set
 from yolo_batch.core.models import DEFAULT_MODEL
 from yolo_batch.errors import InputError
-from yolo_batch.training.config import BatchRequest, BnPolicy, LrScaling, Rounding, TrainConfig
+from yolo_batch.training.config import BnPolicy, LrScaling, Rounding, TrainConfig
+
+
+def quiet_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--quiet", is_flag=True,
+                        help="No progress (dataset scan, probes, inference) and no tables; errors still print.")(fn)
 
 
 def sizing_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -58,15 +64,12 @@ def build_train_config(opts: dict[str, Any], project: str | None = None, name: s
     """Map parsed options onto the typed configs (raises InputError for bad values)."""
     if opts["auto"] and opts["batch"] not in (None, "-1"):
         raise InputError(f"--auto and --batch {opts['batch']} disagree: give one of them")
-    from yolo_batch.profiles import load_profile, train_config
+    from yolo_batch.api import build_train_config as build
 
-    batch = BatchRequest.parse(opts["batch"]) if opts["batch"] is not None else BatchRequest()
-    return train_config(
-        load_profile(opts["profile"] or "default"), model=opts["model"], data=opts["data"], device=opts["device"],
-        batch=batch, epochs=opts["epochs"], use_cache=not opts["no_cache"], imgsz=opts["imgsz"],
-        rounding=opts["rounding"], nominal_batch=opts["nominal_batch"], lr_scaling=opts["lr_scaling"], bn=opts["bn"],
-        extra=opts["extra"], project=project, name=name,
-    )
+    return build(model=opts["model"], data=opts["data"], profile=opts["profile"], imgsz=opts["imgsz"],
+                 device=opts["device"], batch=opts["batch"], rounding=opts["rounding"],
+                 nominal_batch=opts["nominal_batch"], lr_scaling=opts["lr_scaling"], bn=opts["bn"],
+                 epochs=opts["epochs"], cache=not opts["no_cache"], extra=opts["extra"], project=project, name=name)
 
 
 @click.command()
@@ -80,50 +83,90 @@ def build_train_config(opts: dict[str, Any], project: str | None = None, name: s
 @click.option("--no-oom-recovery", is_flag=True,
               help="Stop on a GPU out-of-memory error instead of stepping the batch down (accumulation keeps the "
                    "effective batch) and going on from the same epoch.")
+@quiet_option
 @command
-def train(project: str | None, name: str | None, batch_schedule: str | None, no_oom_recovery: bool,
+def train(project: str | None, name: str | None, batch_schedule: str | None, no_oom_recovery: bool, quiet: bool,
           **opts: Any) -> None:
     """Train with an AutoBatch decision (printed, and saved as autobatch.json in the run folder).
 
     A GPU out-of-memory error during training or validation steps the batch down and goes on (each change is an
     event in autobatch.json); YOLO_BATCH_INJECT_OOM="train:epoch=2,step=3" rehearses one (see the README).
     """
-    import dataclasses
-
-    from yolo_batch.render import print_decision
+    from yolo_batch.core.progress import reporter_for
+    from yolo_batch.render import print_decision, print_train_result
     from yolo_batch.training.run import train as run_training
     from yolo_batch.training.schedule import ScheduleRequest
+    from yolo_batch.ultralytics_adapter import quiet as quiet_ultralytics
 
     schedule = ScheduleRequest.parse(batch_schedule) if batch_schedule is not None else None
     config = dataclasses.replace(build_train_config(opts, project, name), batch_schedule=schedule,
                                  oom_recovery=not no_oom_recovery)
-    result = run_training(config, on_decision=print_decision)
-    click.echo(f"run folder: {result.save_dir}")
-    click.echo(f"decision:   {result.decision_path}")
-    if result.weights is not None:
-        click.echo(f"weights:    {result.weights}")
+    with quiet_ultralytics() if quiet else contextlib.nullcontext():
+        result = run_training(config, on_decision=None if quiet else print_decision, progress=reporter_for(quiet))
+    print_train_result(result)
 
 
 @click.command()
 @sizing_options
 @click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON only.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw the memory probes and the choice into this PNG (when GPU memory was measured).")
+@quiet_option
 @command
-def autobatch(as_json: bool, **opts: Any) -> None:
+def autobatch(as_json: bool, plot: Path | None, quiet: bool, **opts: Any) -> None:
     """Estimate the training batch only (no training)."""
-    from yolo_batch.training.autobatch import estimate_batch
-    from yolo_batch.training.run import split_train_args
-    from yolo_batch.ultralytics_adapter import quiet
+    from yolo_batch.api import autobatch as decide
+    from yolo_batch.core.progress import reporter_for
+    from yolo_batch.ultralytics_adapter import quiet as quiet_ultralytics
 
     config = build_train_config(opts)
-    sizing, _ = split_train_args(config.sizing, config.extra)
-    with quiet() if as_json else contextlib.nullcontext():
-        decision = estimate_batch(sizing)
+    with quiet_ultralytics() if as_json or quiet else contextlib.nullcontext():
+        decision = decide(config, progress=reporter_for(quiet))
+    if plot is not None:
+        from yolo_batch.training.plots import save_autobatch_plot
+
+        written = save_autobatch_plot(decision, plot)
+        if not quiet and not as_json:
+            click.echo(f"plot: {written}" if written else f"plot: not written ({plot}): no GPU memory was measured",
+                       err=True)
     if as_json:
         click.echo(decision.to_json())
-    else:
+    elif not quiet:
         from yolo_batch.render import print_decision
 
         print_decision(decision)
+
+
+@click.command()
+@click.option("--epochs", type=int, default=None,
+              help="Training epochs. Default: the demo's 12 (reaches mAP50 >= 0.5 on a 2-core CPU; README).")
+@click.option("--device", default=None, help="'cpu' or one GPU such as '0'. Default: GPU 0 if present, else CPU.")
+@click.option("--project", default="runs/demo", show_default=True, help="Where the run folder goes.")
+@quiet_option
+@command
+def demo(epochs: int | None, device: str | None, project: str, quiet: bool) -> None:
+    """Train yolo11n on the built-in big-shapes set until it detects, then infer on its validation images with
+    annotated copies, and say where to look (what 'make demo' runs)."""
+    from rich.console import Console
+
+    from yolo_batch.core.progress import reporter_for
+    from yolo_batch.demo import DemoConfig, run_demo
+    from yolo_batch.render import print_decision
+    from yolo_batch.ultralytics_adapter import quiet as quiet_ultralytics
+
+    config = DemoConfig(device=device, project=project)
+    if epochs is not None:
+        config = dataclasses.replace(config, epochs=epochs)
+    reporter = reporter_for(quiet)
+    err = Console(stderr=True)
+    with quiet_ultralytics() if quiet else contextlib.nullcontext():
+        result = run_demo(config, on_decision=None if quiet else print_decision, progress=reporter,
+                          infer_progress=reporter.task("infer", failures=True),
+                          on_batch_choice=None if quiet else (lambda c: err.print(c.table())))
+    if not quiet:
+        err.print(result.infer.table())
+    for line in result.lines():
+        click.echo(line)
 
 
 @click.command("autobatch")

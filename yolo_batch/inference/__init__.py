@@ -32,11 +32,15 @@ if TYPE_CHECKING:
         FailureKind,
         ImageReader,
     )
+    from yolo_batch.inference.detections import Detections
     from yolo_batch.inference.engine import Detection, Engine, NmsSettings
     from yolo_batch.inference.letterbox import Letterbox, plan_letterbox
     from yolo_batch.inference.pipeline import Pipeline, PipelineStats
-    from yolo_batch.inference.runner import InferenceSummary, run_inference
+    from yolo_batch.inference.plots import save_throughput_plot, throughput_figure
+    from yolo_batch.inference.runner import run_inference
     from yolo_batch.inference.sources import discover
+    from yolo_batch.inference.stream import iter_inference
+    from yolo_batch.inference.summary import InferenceSummary
     from yolo_batch.inference.throughput import (
         ThroughputChoice,
         ThroughputSample,
@@ -54,6 +58,7 @@ __all__ = [
     "DecodeError",
     "DecodedImage",
     "Detection",
+    "Detections",
     "Engine",
     "FailureKind",
     "ImageReader",
@@ -72,8 +77,11 @@ __all__ = [
     "choose_throughput_batch",
     "default_workers",
     "discover",
+    "iter_inference",
     "plan_letterbox",
     "run_inference",
+    "save_throughput_plot",
+    "throughput_figure",
 ]
 
 __getattr__, __dir__ = lazy_exports(__name__)

@@ -296,10 +296,15 @@ class Pipeline:
         return (self.workers + self.bounds["prepared"] + self.max_pending
                 + (self.bounds["batches"] + 1 + self.streams + self.bounds["written"] + 1) * batch)
 
-    def run(self, paths: Sequence[str]) -> PipelineStats:
-        """Process ``paths``; re-raises the first stage error (or KeyboardInterrupt) after cleanup."""
+    def run(self, paths: Sequence[str], stop: threading.Event | None = None) -> PipelineStats:
+        """Process ``paths``; re-raises the first stage error (or KeyboardInterrupt) after cleanup.
+
+        Args:
+            stop: set it (from any thread) to end the run early, as an error would: no new batch starts, what
+                was computed is still written, and the stats count what was done. The run sets it when it ends.
+        """
         start = time.perf_counter()
-        stop = threading.Event()  # upstream stages: stop producing
+        stop = stop if stop is not None else threading.Event()  # upstream stages: stop producing
         writer_stop = threading.Event()  # the writer: stop without draining (its own failure)
         tally = Tally()
         links = {name: Link(name, size, writer_stop if name == "written" else stop)

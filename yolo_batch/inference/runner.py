@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Group
-from rich.table import Table
 
 from yolo_batch.core.devices import inference_device, torch_threads
 from yolo_batch.core.files import write_json
+from yolo_batch.core.progress import NullProgress, ProgressReporter
 from yolo_batch.errors import InputError
-from yolo_batch.inference.buckets import NO_PADDING, PaddingStats
+from yolo_batch.inference.buckets import NO_PADDING
 from yolo_batch.inference.config import InferConfig, OutputFormat, default_workers
 from yolo_batch.inference.decode import (
     DecodeError,
@@ -31,12 +32,12 @@ from yolo_batch.inference.decode import (
 from yolo_batch.inference.engine import Engine, NmsSettings
 from yolo_batch.inference.headers import sniff_format
 from yolo_batch.inference.letterbox import Letterbox
-from yolo_batch.inference.oom_split import BatchSize, OomEvent
-from yolo_batch.inference.pipeline import Pipeline
-from yolo_batch.inference.progress import NullProgress, ProgressReporter
+from yolo_batch.inference.oom_split import BatchSize
+from yolo_batch.inference.pipeline import Pipeline, Sink
 from yolo_batch.inference.runtimes.choice import RuntimeChoice
 from yolo_batch.inference.runtimes.loader import resolve_runtime
 from yolo_batch.inference.sources import discover, relative_names
+from yolo_batch.inference.summary import InferenceSummary
 from yolo_batch.inference.throughput import (
     AUTO_MAX_BATCH,
     ThroughputChoice,
@@ -52,156 +53,135 @@ from yolo_batch.inference.writers import (
 
 log = logging.getLogger(__name__)
 
-_STAGES = ("decode", "letterbox", "collate", "inference", "write")
 _DECODER_SAMPLES = 8
 _AUTO_SAMPLES = 8
+THROUGHPUT_PLOT = "throughput.png"  # --batch auto: the measurements, beside summary.json
 
 
-@dataclass(frozen=True)
-class InferenceSummary:
-    """What a run did; ``exit_code`` is 0 when every image has a result, 3 when some files failed."""
+@dataclass
+class OpenRun:
+    """A run ready to start: sources found, model loaded and warmed up, decoder and batch chosen.
 
-    out_dir: str
-    images_total: int
-    done_before: int
-    processed: int
-    failed: int
-    detections: int
-    wall_s: float
-    images_per_s: float
-    stage_s: dict[str, float]
-    batch: int
-    device: str
-    precision: str
+    Made by :func:`open_run` for :func:`run_inference` (files) and :func:`yolo_batch.inference.stream.iter_inference`
+    (results handed to the caller), so both run the same set-up and the same pipeline.
+    """
+
+    config: InferConfig
+    engine: Engine
+    reader: ImageReader
+    device: Any
+    paths: list[str]  # every image of the sources (our own annotated copies excluded)
+    pending: list[str]  # those without a result in the output folder's journal
+    journal: JournalState
     workers: int
     threads: int
     streams: int
     decoder: DecoderChoice
-    padding: PaddingStats = NO_PADDING
-    batch_choice: ThroughputChoice | None = None
-    oom_events: tuple[OomEvent, ...] = ()
-    journal_dropped_lines: int = 0
-    pipeline: dict[str, Any] = field(default_factory=dict)
-    backend: str = "torch"
-    runtime: dict[str, Any] = field(default_factory=dict)  # the RuntimeChoice: what was asked, chosen, and why
-    export: dict[str, Any] | None = None  # the ExportRecord of an exported runtime
+    batch_size: BatchSize
+    choice: ThroughputChoice | None
+    throughput_plot: Path | None
+    runtime: RuntimeChoice
 
-    @property
-    def exit_code(self) -> int:
-        return 3 if self.failed else 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "out_dir": self.out_dir, "images_total": self.images_total, "done_before": self.done_before,
-            "processed": self.processed, "failed": self.failed, "detections": self.detections,
-            "wall_s": round(self.wall_s, 3), "images_per_s": round(self.images_per_s, 2),
-            "stage_s": {k: round(v, 3) for k, v in self.stage_s.items()}, "batch": self.batch,
-            "device": self.device, "precision": self.precision, "backend": self.backend, "runtime": self.runtime,
-            "export": self.export, "workers": self.workers, "threads": self.threads,
-            "streams": self.streams,
-            "decoder": self.decoder.to_dict(), "padding": self.padding.to_dict(),
-            "batch_choice": self.batch_choice.to_dict() if self.batch_choice else None,
-            "oom_events": [e.to_dict() for e in self.oom_events],
-            "journal_dropped_lines": self.journal_dropped_lines, "pipeline": self.pipeline,
-            "exit_code": self.exit_code,
-        }
-
-    def table(self) -> Group:
-        """The final table: totals, throughput and per-stage time."""
-        main = Table(title=f"yolo-batch infer -> {self.out_dir}", title_justify="left", show_header=False)
-        main.add_column("field", style="bold")
-        main.add_column("value")
-        rows = [
-            ("images done", f"{self.processed} this run, {self.done_before} before (of {self.images_total})"),
-            ("failed", f"{self.failed}" + (" (see errors.jsonl)" if self.failed else "")),
-            ("detections", str(self.detections)),
-            ("wall time", f"{self.wall_s:.2f} s"),
-            ("throughput", f"{self.images_per_s:.1f} img/s"),
-            ("batch", str(self.batch) + (" (auto)" if self.batch_choice else "")),
-            ("device", f"{self.device}, {self.precision}"),
-            ("runtime", f"{self.backend} {self.runtime.get('version', '')}, {self.precision}"
-                        + (f" ({self.runtime['reason']})" if self.runtime.get("reason") else "")),
-            ("threads", f"{self.workers} decode, {self.streams} inference stream(s) x {self.threads} torch thread(s)"),
-            ("decoder", self.decoder.name),
-            ("padding", f"{self.padding.padding_fraction:.1%} of model input (square imgsz would be "
-                        f"{self.padding.square_padding_fraction:.1%})"),
-        ]
-        if self.export:
-            rows.append(("export", _describe_export(self.export)))
-        rows += [("out of memory", f"batch {e.batch} -> {e.new_batch}") for e in self.oom_events]
-        for name, value in rows:
-            main.add_row(name, value)
-        stages = Table(title="Per-stage time (threads summed)", title_justify="left")
-        for column in ("stage", "seconds", "ms/image"):
-            stages.add_column(column, justify="right")
-        for stage in _STAGES:
-            seconds = self.stage_s.get(stage, 0.0)
-            per = seconds * 1e3 / self.processed if self.processed else 0.0
-            stages.add_row(stage, f"{seconds:.2f}", f"{per:.1f}")
-        return Group(main, stages)
+    def pipeline(self, sink: Sink, on_progress: Callable[[int, int], None] | None = None,
+                 keep_originals: bool | None = None) -> Pipeline:
+        """The pipeline over this run's engine, reader and batch, writing into ``sink`` (decoded images carried
+        along for annotated copies when ``keep_originals``, by default when the config saves them)."""
+        keep = self.config.save_annotated if keep_originals is None else keep_originals
+        return Pipeline(self.engine, self.reader.read, sink, self.batch_size, self.workers, self.config.imgsz,
+                        keep_originals=keep, on_progress=on_progress, streams=self.streams)
 
 
-def _describe_export(export: dict[str, Any]) -> str:
-    if export["hit"]:
-        return f"cached: {export['location']}"
-    where = export["location"] if export["cached"] else export["note"]
-    return f"exported in {export['seconds']:.1f} s: {where}"
+@contextlib.contextmanager
+def open_run(config: InferConfig, write_files: bool = True,
+             on_batch_choice: Callable[[ThroughputChoice], None] | None = None) -> Iterator[OpenRun]:
+    """Discover, load, warm up and choose; the engine's memory and torch's thread count are restored on exit.
+
+    With ``write_files`` the output folder is checked, cleared (``overwrite``), its journal read (resume) and its
+    manifest written; with ``--batch auto`` the measurements are plotted there as ``throughput.png``. Without,
+    nothing is written and every image is pending.
+
+    Raises:
+        InputError: bad sources, model, device, or an output folder holding another configuration's results.
+    """
+    discovery = discover(config.sources)  # before touching --out: bad sources must not create folders
+    device, _ = inference_device(config.device, None)  # the precision is the runtime choice's
+    runtime = resolve_runtime(config.backend, config.precision_request(), device)
+    if write_files:
+        _check_output(config, runtime)
+    on_gpu = device.type == "cuda"
+    threads, streams = cpu_parallelism(config, on_gpu)
+    engine = _open_engine(config, device, runtime, threads, streams)
+    if write_files:
+        _clear_output(config)  # only once sources, device, folder and model are known to be good
+        journal, paths, pending = _resume(config, discovery.paths)
+    else:
+        journal, paths = JournalState(done=frozenset(), detections=0, dropped_lines=0), list(discovery.paths)
+        pending = paths
+    try:
+        with torch_threads(threads if not on_gpu or config.threads is not None else None):
+            decoder, jpeg = choose_jpeg_decoder(_jpeg_samples(pending))
+            reader = ImageReader(DecodeLimits(config.max_file_bytes, config.max_pixels), jpeg, config.image_window)
+            if pending:
+                _warmup(engine, reader, pending[0])
+            choice = _auto_batch(engine, reader, pending, config, device) if config.batch.is_auto else None
+            plot = _plot(choice, config.out / THROUGHPUT_PLOT) if choice is not None and write_files else None
+            if choice is not None and on_batch_choice is not None:
+                on_batch_choice(choice)
+            if write_files:
+                _write_manifest(config, runtime)
+            yield OpenRun(config=config, engine=engine, reader=reader, device=device, paths=paths, pending=pending,
+                          journal=journal, workers=config.workers or default_workers(on_gpu=on_gpu),
+                          threads=threads, streams=streams, decoder=decoder,
+                          batch_size=BatchSize(choice.batch if choice else config.batch.fixed or 1), choice=choice,
+                          throughput_plot=plot, runtime=runtime)
+    finally:
+        engine.release()
 
 
 def run_inference(config: InferConfig, progress: ProgressReporter | None = None,
                   on_batch_choice: Callable[[ThroughputChoice], None] | None = None) -> InferenceSummary:
     """Run (or resume) ``config``; see the module docstring of :mod:`yolo_batch.inference`.
 
+    With ``--batch auto`` the measurements are plotted as ``throughput.png`` in the output folder.
+
     Raises:
         InputError: bad sources, model, device, or an output folder holding another configuration's results.
     """
     start = time.perf_counter()
     progress = progress or NullProgress()
-    discovery = discover(config.sources)  # before touching --out: bad sources must not create folders
-    device, _ = inference_device(config.device, None)  # the precision is the runtime choice's
-    choice = resolve_runtime(config.backend, config.precision_request(), device)
-    _check_output(config, choice)
-    on_gpu = device.type == "cuda"
-    workers = config.workers or default_workers(on_gpu=on_gpu)
-    threads, streams = cpu_parallelism(config, on_gpu)
-    engine = _open_engine(config, device, choice, threads, streams)
-    _clear_output(config)  # only once sources, device, folder and model are known to be good
-    journal, paths, pending = _resume(config, discovery.paths)
-    with torch_threads(threads if not on_gpu or config.threads is not None else None):
-        decoder, jpeg = choose_jpeg_decoder(_jpeg_samples(pending))
-        reader = ImageReader(DecodeLimits(config.max_file_bytes, config.max_pixels), jpeg, config.image_window)
-        if pending:
-            _warmup(engine, reader, pending[0])
-        batch_choice = _auto_batch(engine, reader, pending, config, device) if config.batch.is_auto else None
-        if batch_choice is not None and on_batch_choice is not None:
-            on_batch_choice(batch_choice)
-        batch_size = BatchSize(batch_choice.batch if batch_choice else config.batch.fixed or 1)
-        _write_manifest(config, choice)
+    with open_run(config, write_files=True, on_batch_choice=on_batch_choice) as run:
         stats = None
-        if pending:
-            progress.start(len(pending), len(paths) - len(pending))
+        if run.pending:
+            progress.start(len(run.pending), len(run.paths) - len(run.pending))
             try:
-                with ResultWriter(config.out, config.formats, config.save_annotated, relative_names(paths)) as writer:
-                    stats = Pipeline(engine, reader.read, writer, batch_size, workers, config.imgsz,
-                                     keep_originals=config.save_annotated,
-                                     on_progress=progress.update, streams=streams).run(pending)
+                with ResultWriter(config.out, config.formats, config.save_annotated,
+                                  relative_names(run.paths)) as writer:
+                    stats = run.pipeline(writer, on_progress=progress.update).run(run.pending)
             finally:
                 progress.stop()
-                engine.release()
+    paths, pending, batch_size = run.paths, run.pending, run.batch_size
     summary = InferenceSummary(
         out_dir=str(config.out), images_total=len(paths), done_before=len(paths) - len(pending),
         processed=stats.images if stats else 0, failed=stats.failed if stats else 0,
         detections=stats.detections if stats else 0, wall_s=time.perf_counter() - start,
         images_per_s=stats.images / stats.wall_s if stats and stats.wall_s else 0.0,
-        stage_s=dict(stats.stage_s) if stats else {}, batch=batch_size(), device=str(device),
-        precision=engine.precision, backend=engine.backend, runtime=choice.to_dict(),
-        export=engine.export.to_dict() if engine.export else None, workers=workers, threads=threads,
-        streams=streams, decoder=decoder, padding=stats.padding if stats else NO_PADDING, batch_choice=batch_choice,
-        oom_events=tuple(batch_size.events),
-        journal_dropped_lines=journal.dropped_lines, pipeline=stats.to_dict() if stats else {},
+        stage_s=dict(stats.stage_s) if stats else {}, batch=batch_size(), device=str(run.device),
+        precision=run.engine.precision, backend=run.engine.backend, runtime=run.runtime.to_dict(),
+        export=run.engine.export.to_dict() if run.engine.export else None,
+        workers=run.workers, threads=run.threads, streams=run.streams,
+        decoder=run.decoder, padding=stats.padding if stats else NO_PADDING, batch_choice=run.choice,
+        oom_events=tuple(batch_size.events), journal_dropped_lines=run.journal.dropped_lines,
+        pipeline=stats.to_dict() if stats else {},
+        throughput_plot=str(run.throughput_plot) if run.throughput_plot else None,
     )
     write_json(config.out / OutputFile.SUMMARY.value, summary.to_dict())
     return summary
+
+
+def _plot(choice: ThroughputChoice, path: Path) -> Path:
+    from yolo_batch.inference.plots import save_throughput_plot
+
+    return save_throughput_plot(choice, path)
 
 
 def _open_engine(config: InferConfig, device: Any, choice: RuntimeChoice, threads: int, streams: int) -> Engine:

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import cv2
@@ -29,7 +30,7 @@ from yolo_batch.inference.decode import (
 )
 from yolo_batch.inference.engine import Detection, Engine, NmsSettings
 from yolo_batch.inference.oom_split import BatchSize, OutOfMemoryAlone
-from yolo_batch.inference.runner import cpu_parallelism
+from yolo_batch.inference.runner import THROUGHPUT_PLOT, cpu_parallelism
 from yolo_batch.inference.runtimes.loader import resolve_runtime
 from yolo_batch.inference.stages import InferStep, Prepared, PrepareStep
 from yolo_batch.inference.throughput import (
@@ -94,6 +95,7 @@ class DetectorBackend:
         self.infer_step = InferStep(engine, self.batch_size, config.imgsz, on_oom=self._count_oom)
         self.decoder = DecoderChoice(name="opencv", ms_per_image={})
         self.batch_choice: ThroughputChoice | None = None
+        self.throughput_plot: Path | None = None
         self.warmup_s = 0.0
         self._saved_threads: int | None = None
 
@@ -136,7 +138,21 @@ class DetectorBackend:
             self.batch_choice = measure_engine(self.engine, [pixels], [plan], cap, self.config.max_latency_ms)
             self.batch_size = self.infer_step.batch_size = BatchSize(self.batch_choice.batch)
             log.info("max batch (auto): %d - %s", self.batch_choice.batch, self.batch_choice.reason)
+            self.throughput_plot = self._plot(self.batch_choice)
         self.warmup_s = time.perf_counter() - start
+
+    def _plot(self, choice: ThroughputChoice) -> Path | None:
+        """``throughput.png`` beside the hot folder's results (``--out``); without ``--out`` the service writes no
+        files, so the measurements stay in the log and ``GET /v1/info`` (``batch_choice``)."""
+        if self.config.out is None:
+            log.info("max batch (auto): no --out, so no throughput.png; GET /v1/info has the measurements")
+            return None
+        from yolo_batch.inference.plots import save_throughput_plot
+
+        self.config.out.mkdir(parents=True, exist_ok=True)
+        path = save_throughput_plot(choice, self.config.out / THROUGHPUT_PLOT)
+        log.info("max batch (auto): measurements plotted in %s", path)
+        return path
 
     def prepare(self, data: bytes, name: str) -> Prepared:
         """Decode and letterbox one image (thread-safe).
@@ -174,6 +190,7 @@ class DetectorBackend:
             "classes": {int(k): v for k, v in self.engine.names.items()}, "max_batch": self.batch_size(),
             "max_batch_setting": str(self.config.max_batch),
             "batch_choice": self.batch_choice.to_dict() if self.batch_choice else None,
+            "throughput_plot": str(self.throughput_plot) if self.throughput_plot else None,
             "oom_events": [e.to_dict() for e in self.batch_size.events], "streams": self.streams,
             "threads": self.threads, "decoder": self.decoder.name, "warmup_s": round(self.warmup_s, 3),
         }

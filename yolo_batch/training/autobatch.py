@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
@@ -21,6 +21,7 @@ from yolo_batch import __version__, ultralytics_adapter
 from yolo_batch.core.devices import DeviceSelection, parse_device
 from yolo_batch.core.models import model_fingerprint
 from yolo_batch.core.nvml import CudaDevice, GpuMemory, NvmlUnavailable, read_gpus
+from yolo_batch.core.progress import Reporter, tracked
 from yolo_batch.errors import InputError, YoloBatchError
 from yolo_batch.training.batchnorm import choose_bn_policy
 from yolo_batch.training.budget import BudgetPlan, ddp_reserve_bytes, own_usage, plan_budgets, reconcile_free
@@ -32,7 +33,7 @@ from yolo_batch.training.data import (
     inspect_dataset,
     resolve_data,
 )
-from yolo_batch.training.decision import AutoBatchDecision, GpuBudget, ProbeSample
+from yolo_batch.training.decision import AutoBatchDecision, GpuBudget, ProbeSample, gib
 from yolo_batch.training.scaling import plan_scaling
 from yolo_batch.training.search import NoBatchFits, round_batch, search_batch
 from yolo_batch.training.settings import MEMORY_ARGS, TrainerSettings, resolve_trainer_settings
@@ -101,18 +102,20 @@ def estimate_batch(
     cache: DecisionCache | None = None,
     model: Any | None = None,
     dataset: DatasetInfo | None = None,
+    progress: Reporter | None = None,
 ) -> AutoBatchDecision:
     """Decide the training batch for ``config``: measured on the GPU, or a fallback with its reason.
 
     ``model`` and ``dataset``: the already loaded ``config.model`` (a YOLO object, only read here) and the
-    already inspected ``config.data``, so a caller that trains next checks and loads each once.
+    already inspected ``config.data``, so a caller that trains next checks and loads each once. ``progress``:
+    told about the label scan and each probe (which batch, how long, what it peaked at).
 
     Raises:
         InputError: bad model, data or device.
         BudgetTooSmall: batch 1 does not fit the memory budget.
     """
     backend = backend or TorchCudaBackend()
-    info = dataset if dataset is not None else inspect_dataset(resolve_data(config.data))
+    info = dataset if dataset is not None else inspect_dataset(resolve_data(config.data), progress=progress)
     model = model if model is not None else ultralytics_adapter.load_model(config.model)
     devices = parse_device(config.device, backend.device_count())
     cache = cache or DecisionCache(cache_dir() / "autobatch")
@@ -132,7 +135,7 @@ def estimate_batch(
     except (NvmlUnavailable, RuntimeError) as exc:  # RuntimeError: the CUDA runtime itself failed to start
         return request.fall_back(f"{exc}; using {request.default_text}")
     settings = trainer_settings(config, model, info, request.cap * devices.world_size)
-    return _measure(request, plan, gpus[0].driver, settings, backend, cache, model)
+    return _measure(request, plan, gpus[0].driver, settings, backend, cache, model, progress)
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,8 @@ class _Request:
 
 
 def _measure(request: _Request, plan: BudgetPlan, driver: str | None, settings: TrainerSettings,
-             backend: GpuBackend, cache: DecisionCache, model: Any) -> AutoBatchDecision:
+             backend: GpuBackend, cache: DecisionCache, model: Any, progress: Reporter | None = None
+             ) -> AutoBatchDecision:
     """Probe on the tightest GPU (or reuse a cached decision that still fits today's budget)."""
     config, info = request.config, request.info
     notes = list(plan.notes)
@@ -192,8 +196,11 @@ def _measure(request: _Request, plan: BudgetPlan, driver: str | None, settings: 
         notes.append("cached decision no longer fits: other processes now hold more memory; re-measuring")
 
     probe = backend.make_probe(model, info.nc, probe_setup(settings, info), tightest.index)
+    if progress is not None:
+        progress.note(f"autobatch: probing GPU {tightest.index} ({tightest.name}) with real training steps, "
+                      f"budget {gib(tightest.budget_bytes)}")
     try:
-        result = search_batch(probe.measure, tightest.budget_bytes, request.cap, config.rounding)
+        result = search_batch(reported(probe.measure, progress), tightest.budget_bytes, request.cap, config.rounding)
     except NoBatchFits as exc:
         raise BudgetTooSmall(
             f"GPU {tightest.index} ({tightest.name}): {exc}; free memory, lower --imgsz or use a smaller model"
@@ -209,6 +216,25 @@ def _measure(request: _Request, plan: BudgetPlan, driver: str | None, settings: 
                               settings=settings, precision=precision)
     cache.store(key, decision)
     return decision
+
+
+def reported(measure: Callable[[int], ProbeSample], progress: Reporter | None) -> Callable[[int], ProbeSample]:
+    """``measure`` that shows which batch is being probed while it runs, and a line with its outcome after."""
+    if progress is None:
+        return measure
+
+    def run(batch: int) -> ProbeSample:
+        with tracked(progress, f"autobatch: probing batch {batch}", total=None):
+            sample = measure(batch)
+        if sample.oom:
+            outcome = "out of memory"
+        else:
+            val = f", validation at {sample.val_batch} {gib(sample.val_peak_bytes)}" if sample.val_batch else ""
+            outcome = f"training peak {gib(sample.train_peak_bytes)}{val}"
+        progress.note(f"autobatch: batch {batch}: {outcome} ({sample.seconds:.1f} s)")
+        return sample
+
+    return run
 
 
 def read_budgets(backend: GpuBackend, devices: DeviceSelection, fraction: float, *, nvml: ModuleType | None = None,

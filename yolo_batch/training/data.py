@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from yolo_batch import ultralytics_adapter
+from yolo_batch.core.progress import Reporter, tracked
 from yolo_batch.errors import InputError
 
+SCAN_REPORT_MIN = 2000  # label files: below this the scan takes well under a second, and is not reported
 MOSAIC_FACTOR = 4  # mosaic stitches four images, so one training image can carry four images' objects
 SIZE_SAMPLE = 64  # training images whose sizes decide whether the set is square (rect: auto)
 
@@ -46,8 +48,8 @@ def resolve_data(data: str | Path | None) -> Path:
     return default_dataset(cache_dir() / "datasets")
 
 
-def inspect_dataset(data: str | Path) -> DatasetInfo:
-    """Validate ``data`` with Ultralytics' rules and count what sizing needs.
+def inspect_dataset(data: str | Path, progress: Reporter | None = None) -> DatasetInfo:
+    """Validate ``data`` with Ultralytics' rules and count what sizing needs (``progress``: the label scan).
 
     Raises:
         InputError: the yaml or its folders are missing or malformed, or the train split is empty.
@@ -59,12 +61,16 @@ def inspect_dataset(data: str | Path) -> DatasetInfo:
     if not train:
         raise InputError(f"no training images found for {data} (looked in {resolved['train']})")
     max_objects = 0
-    for label in ultralytics_adapter.label_paths(train):
-        try:
-            with open(label) as f:
-                max_objects = max(max_objects, sum(1 for line in f if line.strip()))
-        except FileNotFoundError:  # an image without labels is a background image
-            continue
+    labels = ultralytics_adapter.label_paths(train)
+    reporter = progress if len(labels) >= SCAN_REPORT_MIN else None
+    with tracked(reporter, "scan labels", total=len(labels), unit="label file", rate_unit="file") as scan:
+        for done, label in enumerate(labels, 1):
+            try:
+                with open(label) as f:
+                    max_objects = max(max_objects, sum(1 for line in f if line.strip()))
+            except FileNotFoundError:  # an image without labels is a background image
+                pass
+            scan.update(done)
     names = resolved["names"]
     return DatasetInfo(
         yaml_path=Path(data).resolve(),

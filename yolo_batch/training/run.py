@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from yolo_batch import ultralytics_adapter
+from yolo_batch.core.progress import Reporter
 from yolo_batch.errors import InputError
 from yolo_batch.training import batchnorm
 from yolo_batch.training.autobatch import FIXED_REASON, GpuBackend, estimate_batch
@@ -33,6 +34,7 @@ from yolo_batch.ultralytics_adapter.trainer_control import BatchControl
 
 log = logging.getLogger(__name__)
 
+DECISION_PLOT = "autobatch.png"  # beside autobatch.json, when GPU memory was measured
 # Pass-through keys that decide the batch and its consequences: lifted into the typed sizing config.
 _LIFTED = {"optimizer": str, "lr0": float, "momentum": float}
 
@@ -45,6 +47,26 @@ class TrainResult:
     weights: Path | None
     accumulate: int | None  # what the trainer set up before epoch 1, for checking against the decision
     events: tuple[BatchEvent, ...] = ()  # batch changes during training (read back from autobatch.json)
+    metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)  # final validation: map50, map50_95, ...
+    decision_plot: Path | None = None  # autobatch.png, when GPU memory was measured
+
+    @property
+    def map50(self) -> float | None:
+        """Validation mAP at IoU 0.5 of the final weights (None when no validation ran in this process)."""
+        return self.metrics.get("map50")
+
+    @property
+    def map50_95(self) -> float | None:
+        return self.metrics.get("map50_95")
+
+    def metrics_line(self) -> str:
+        """One line with the final validation metrics, as the CLI and the demo print it."""
+        if not self.metrics:
+            return "final mAP: not measured in this process"
+        parts = [f"{name} {self.metrics[key]:.3f}" for key, name in
+                 (("map50", "mAP50"), ("map50_95", "mAP50-95"), ("precision", "precision"), ("recall", "recall"))
+                 if key in self.metrics]
+        return "final mAP (validation, best.pt): " + ", ".join(parts)
 
 
 def split_train_args(sizing: SizingConfig, extra: Mapping[str, Any]) -> tuple[SizingConfig, dict[str, Any]]:
@@ -115,9 +137,11 @@ def train(
     backend: GpuBackend | None = None,
     nvml: ModuleType | None = None,
     callbacks: Sequence[ultralytics_adapter.TrainerCallback] = (),
+    progress: Reporter | None = None,
 ) -> TrainResult:
     """Decide the batch, then train; ``autobatch.json`` is written into the run folder before epoch 1 and after
-    every batch change (OOM recovery, schedule phase).
+    every batch change (OOM recovery, schedule phase); ``autobatch.png`` beside it when GPU memory was measured.
+    ``progress``: told about the label scan and each AutoBatch probe.
 
     ``callbacks``: more Ultralytics callbacks, registered after ours (a benchmark's co-tenant, a user's own).
 
@@ -128,11 +152,11 @@ def train(
     drills = injection_from_environment()  # parsed once, before anything runs
     sizing, extra = split_train_args(config.sizing, config.extra)
     data = resolve_data(sizing.data)
-    info = inspect_dataset(data)
+    info = inspect_dataset(data, progress=progress)
     rect, rect_reason = rect_batches(config.rect, extra, info)
     config = dataclasses.replace(config, sizing=sizing, extra={**extra, **rect})
     model = ultralytics_adapter.load_model(sizing.model)
-    decision, schedule, limit = _start(config, data, info, model, backend, nvml)
+    decision, schedule, limit = _start(config, data, info, model, backend, nvml, progress)
     if rect_reason is not None:
         decision = dataclasses.replace(decision, reasons=(*decision.reasons, rect_reason))
     if on_decision is not None:
@@ -142,7 +166,7 @@ def train(
         rules_for(decision, config.sizing), accumulate=decision.accumulate, lr0=decision.lr0_after,
         bn_policy=decision.bn_policy or BnPolicy.TRAIN.value, recovery=config.oom_recovery, schedule=schedule,
         drills=drills, record=writer)
-    ours: list[ultralytics_adapter.TrainerCallback] = []
+    ours: list[ultralytics_adapter.TrainerCallback] = [("on_pretrain_routine_end", DecisionPlot(decision))]
     if decision.bn_policy is not None:
         ours += [(c.event, c) for c in batchnorm.callbacks_for(BnPolicy(decision.bn_policy))]
     try:
@@ -161,17 +185,34 @@ def train(
         writer(save_dir)
     record = RunRecord.load(decision_path)  # rank 0 wrote it, in this process or in a DDP worker
     best = save_dir / "weights" / "best.pt"
+    plot = save_dir / DECISION_PLOT
     return TrainResult(save_dir=save_dir, decision=decision, decision_path=decision_path,
                        weights=best if best.exists() else None, accumulate=record.trainer_accumulate,
-                       events=record.events)
+                       events=record.events, metrics=ultralytics_adapter.final_metrics(trainer),
+                       decision_plot=plot if plot.exists() else None)
+
+
+class DecisionPlot:
+    """A trainer callback (before epoch 1) that draws ``autobatch.png`` into the run folder when GPU memory was
+    measured (:mod:`.plots`)."""
+
+    def __init__(self, decision: AutoBatchDecision) -> None:
+        self.decision = decision
+
+    def __call__(self, trainer: Any) -> None:
+        from yolo_batch.training.plots import save_autobatch_plot
+
+        save_autobatch_plot(self.decision, Path(trainer.save_dir) / DECISION_PLOT)
 
 
 def _start(config: TrainConfig, data: Path, info: DatasetInfo, model: Any, backend: GpuBackend | None,
-           nvml: ModuleType | None) -> tuple[AutoBatchDecision, EpochSchedule | None, AutoBatchDecision | None]:
+           nvml: ModuleType | None, progress: Reporter | None = None
+           ) -> tuple[AutoBatchDecision, EpochSchedule | None, AutoBatchDecision | None]:
     """The decision training starts with, the resolved schedule, and (``--batch-schedule auto``) the AutoBatch
     decision whose limit the schedule grows toward."""
     sizing = dataclasses.replace(config.sizing, data=data)
-    estimate = functools.partial(estimate_batch, backend=backend, nvml=nvml, model=model, dataset=info)
+    estimate = functools.partial(estimate_batch, backend=backend, nvml=nvml, model=model, dataset=info,
+                                 progress=progress)
     request = config.batch_schedule
     if request is None:
         return estimate(sizing), None, None

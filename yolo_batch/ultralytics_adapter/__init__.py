@@ -73,6 +73,7 @@ from yolo_batch.ultralytics_adapter.training import (
     before_wrap_trainer,
     ddp_launch_file,
     deep_image_reader,
+    final_metrics,
     train,
     ultralytics_batch_size,
 )
@@ -101,6 +102,7 @@ __all__ = [
     "determinism",
     "engine_offset",
     "export_model",
+    "final_metrics",
     "guards_active",
     "image_formats",
     "import_ultralytics",

@@ -100,6 +100,7 @@ OBJECT_ATTRIBUTES: tuple[Dependency, ...] = (
     Dependency("BaseTrainer.save_dir", "where autobatch.json goes"),
     Dependency("BaseTrainer.accumulate", "what the trainer accumulated, checked against the decision", private=True),
     Dependency("BaseTrainer.model", "BatchNorm layers the freeze and sync policies reach", private=True),
+    Dependency("BaseTrainer.metrics", "the final validation's mAP that train reports (metrics/mAP50(B), ...)"),
     Dependency("YOLO.model.yaml", "rebuilding a DetectionModel for the probe", private=True),
     Dependency("YOLO.ckpt", "whether the model came from a .pt (its weights go into the probe's model)",
                private=True),

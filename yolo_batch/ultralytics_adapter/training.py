@@ -93,6 +93,16 @@ def before_wrap_trainer(base: type) -> type:
     """``base`` (the task's trainer class) with :class:`BeforeWrapHook`. Made at run time because Ultralytics is
     imported lazily; multi-GPU runs pickle it by value (cloudpickle) into the workers, where the hook runs too."""
     return type(f"BeforeWrap{base.__name__}", (BeforeWrapHook, base), {})
+# Ultralytics' names for a detection run's validation metrics -> ours.
+_METRIC_NAMES = {"metrics/precision(B)": "precision", "metrics/recall(B)": "recall", "metrics/mAP50(B)": "map50",
+                 "metrics/mAP50-95(B)": "map50_95"}
+
+
+def final_metrics(trainer: Any) -> dict[str, float]:
+    """The run's last validation (after training: Ultralytics' final validation of best.pt) as
+    ``precision``, ``recall``, ``map50`` and ``map50_95``; empty when none ran in this process (DDP)."""
+    metrics = trainer.metrics if isinstance(getattr(trainer, "metrics", None), dict) else {}
+    return {ours: float(metrics[theirs]) for theirs, ours in _METRIC_NAMES.items() if theirs in metrics}
 
 
 class DeepImageReader:
