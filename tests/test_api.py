@@ -86,7 +86,7 @@ def test_batch_is_parsed_once_at_the_edge(batch, expected):
 def test_infer_keywords_build_what_the_command_builds(tmp_path):
     opts = {"model": "m.pt", "profile": "inspection", "batch": None, "half": None, "imgsz": 320, "device": "cpu",
             "conf": 0.3, "iou": 0.6, "max_det": 50, "classes": (0, 2), "workers": 2, "threads": None,
-            "streams": None}
+            "streams": None, "backend": "auto", "precision": "auto", "no_cache": False}
     from_cli = cli_infer_config(("images/",), opts, out=tmp_path, save_annotated=True)
     from_python = api.build_infer_config("images/", model="m.pt", profile="inspection", imgsz=320, device="cpu",
                                          conf=0.3, iou=0.6, max_det=50, classes=(0, 2), workers=2, out=tmp_path,

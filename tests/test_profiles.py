@@ -263,7 +263,8 @@ def test_infer_takes_the_profile_batch_unless_given():
         "batch": "auto", "half": True, "max_latency_ms": None}
     assert infer_settings(inspection, batch="32", half=False, max_latency_ms=None)["batch"] == "32"
     opts = dict(profile="medical", model="yolo11n.yaml", batch=None, imgsz=64, device="cpu", half=None, conf=0.25,
-                iou=0.7, max_det=300, classes=None, workers=None, threads=None, streams=None)
+                iou=0.7, max_det=300, classes=None, workers=None, threads=None, streams=None, backend="auto",
+                precision="auto", no_cache=False)
     assert build_infer_config(("x",), opts).batch.fixed == 1
     assert build_infer_config(("x",), {**opts, "batch": "4"}).batch.fixed == 4
     assert build_infer_config(("x",), {**opts, "profile": "inspection"}).batch.is_auto

@@ -126,7 +126,7 @@ def test_train_options_reach_the_library(monkeypatch, tmp_path):
 
     seen = []
 
-    def fake_train(config, on_decision=None):
+    def fake_train(config, on_decision=None, progress=None):
         seen.append(config)
         raise InputError("stop here")
 
