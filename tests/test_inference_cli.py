@@ -188,3 +188,18 @@ def test_console_script_is_installed():
     assert script is not None
     out = subprocess.run([script, "infer", "--help"], capture_output=True, text=True, check=True)
     assert "--max-latency-ms" in out.stdout and "resumable" in out.stdout
+
+
+def test_bench_infer_times_a_lower_precision_against_fp32_of_the_same_runtime(detector, image_folder):
+    from yolo_batch.inference.runtimes.host import cpu_flags
+
+    if not (cpu_flags() or frozenset()) & {"avx512_bf16", "amx_bf16"}:
+        pytest.skip("this CPU has no bf16 instructions")
+    result = CliRunner().invoke(main, ["bench", "infer", str(image_folder), "--model", str(detector), "--imgsz",
+                                       "64", "--batch", "4", "--device", "cpu", "--backend", "torch", "--precision",
+                                       "bf16", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["precision"] == "bf16" and "yolo-batch infer (same runtime, fp32)" in report["images_per_s"]
+    fp32 = [r for r in report["runs"] if r["method"] == "yolo-batch infer (same runtime, fp32)"]
+    assert len(fp32) == 1 and fp32[0]["images"] == 8 and report["ratios"]["ours_over_ours_fp32"] > 0

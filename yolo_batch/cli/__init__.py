@@ -27,6 +27,6 @@ for _command in (train.train, train.autobatch, train.demo, catalog.datasets, cat
                  serve.serve):
     main.add_command(_command)
 for _name, _command in (("autobatch", train.bench_autobatch), ("infer", infer.bench_infer),
-                        ("serve", serve.bench_serve)):
+                        ("serve", serve.bench_serve), ("accuracy", infer.bench_accuracy)):
     bench.add_command(_command, _name)
 

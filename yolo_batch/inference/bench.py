@@ -46,12 +46,14 @@ PREDICT = "ultralytics predict"
 PREDICT_ALL_CORES = "ultralytics predict (all cores)"
 PREDICT_EXPORT = "ultralytics predict (same export)"
 OURS = "yolo-batch infer"
+OURS_FP32 = "yolo-batch infer (same runtime, fp32)"
 CEILING = "forward only (ceiling)"
-METHODS = (PREDICT, PREDICT_ALL_CORES, PREDICT_EXPORT, OURS, CEILING)
+METHODS = (PREDICT, PREDICT_ALL_CORES, PREDICT_EXPORT, OURS, OURS_FP32, CEILING)
 _RATIOS = {  # key -> (denominator method, label)
     "ours_over_predict": (PREDICT, "ours / predict (.pt)"),
     "ours_over_predict_all_cores": (PREDICT_ALL_CORES, "ours / predict (.pt, all cores)"),
     "ours_over_ceiling": (CEILING, "ours / ceiling"),
+    "ours_over_ours_fp32": (OURS_FP32, "ours / ours at fp32 (what the lower precision gains)"),
 }
 
 
@@ -167,11 +169,14 @@ def run_infer_bench(config: InferConfig, repeats: int = 1) -> InferBenchReport:
             ours_config = dataclasses.replace(config, out=Path(scratch) / "ours", overwrite=True)
             peers = _Peers(config, device, warm, paths, batch, Path(scratch))
             ceiling = _Ceiling(config, device, warm, paths, batch, streams, threads)
+            # A lower precision is also timed against the same runtime at fp32 (the precision target's peer).
+            fp32_config = None if warm.precision == "fp32" else dataclasses.replace(
+                ours_config, out=Path(scratch) / "ours-fp32", backend=warm.backend, precision="fp32")
             for round_ in range(repeats):
                 runs += peers.time(round_)
-                summary = run_inference(ours_config)
-                runs.append(BenchRun(OURS, round_, summary.processed, summary.processed / summary.images_per_s
-                                     if summary.images_per_s else 0.0, summary.threads, summary.streams))
+                runs.append(_timed(OURS, round_, run_inference(ours_config)))
+                if fp32_config is not None:
+                    runs.append(_timed(OURS_FP32, round_, run_inference(fp32_config)))
                 torch.set_num_threads(threads)
                 runs.append(BenchRun(CEILING, round_, ceiling.images, ceiling.time(), threads, streams))
     finally:
@@ -180,6 +185,11 @@ def run_infer_bench(config: InferConfig, repeats: int = 1) -> InferBenchReport:
                             precision=warm.precision, images=len(paths), runs=tuple(runs), backend=warm.backend,
                             runtime=f"{warm.backend} {warm.runtime.get('version', '')}: "
                                     f"{warm.runtime.get('reason', '')}")
+
+
+def _timed(method: str, round_: int, summary: Any) -> BenchRun:
+    seconds = summary.processed / summary.images_per_s if summary.images_per_s else 0.0
+    return BenchRun(method, round_, summary.processed, seconds, summary.threads, summary.streams)
 
 
 def _same_weights(config: InferConfig, scratch: Path) -> InferConfig:

@@ -9,6 +9,7 @@
 * :mod:`.data` checks data yamls and train arguments by Ultralytics' own rules.
 * :mod:`.settings` asks Ultralytics what the trainer will do (defaults, stride, determinism, the AMP check) so the
   AutoBatch probe trains under the same settings.
+* :mod:`.metrics` is Ultralytics' average precision for ``bench accuracy``.
 * :mod:`.export` exports through ``YOLO.export`` (never pip-installing what Ultralytics asks for), reads what the
   export recorded, and runs Ultralytics' predict on an export (the benchmark's peer).
 * :mod:`.training` runs ``model.train`` with our callbacks and the 16-bit image reader, writes the DDP launch file
@@ -34,6 +35,8 @@ from yolo_batch.ultralytics_adapter.export import (
     no_installs,
     predict_stream,
 )
+from yolo_batch.ultralytics_adapter.metrics import mean_average_precision
+from yolo_batch.ultralytics_adapter.mixed_precision import keep_head_fp32
 from yolo_batch.ultralytics_adapter.models import (
     InferenceNetwork,
     check_model_spec,
@@ -107,9 +110,11 @@ __all__ = [
     "image_formats",
     "import_ultralytics",
     "inference_network",
+    "keep_head_fp32",
     "label_paths",
     "load_export",
     "load_model",
+    "mean_average_precision",
     "model_stride",
     "no_installs",
     "non_max_suppression",

@@ -54,6 +54,7 @@ DEPENDS_ON: tuple[Dependency, ...] = (
                                                      "so inference threads each run their own copy", private=True),
     Dependency("ultralytics.utils.nms.non_max_suppression", "inference NMS with DetectionPredictor's arguments "
                                                             "(agnostic is positional)", private=True),
+    Dependency("ultralytics.utils.metrics.ap_per_class", "bench accuracy's mAP, as Ultralytics' val computes it"),
     Dependency("ultralytics.data.augment.LetterBox", "the reference our letterbox is tested against"),
     Dependency("ultralytics.utils.autobatch.check_train_batch_size", "bench autobatch's baseline"),
     Dependency("ultralytics.utils.torch_utils.init_seeds",
