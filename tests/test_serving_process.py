@@ -288,3 +288,21 @@ def test_a_missing_out_folder_is_checked_where_it_would_be_created():
     finally:
         base.chmod(0o755)
         shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("command", [["serve"], ["infer", "{images}"]])
+def test_a_missing_model_is_the_only_line_a_real_process_prints(command, tmp_path):
+    """As the container runs it: logging configured, so nothing (the runtime choice's INFO line included) may be
+    said before the refusal."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(bccd_images(1)[0].read_bytes())
+    args = [a.format(images=images) for a in command]
+    done = subprocess.run([sys.executable, "-m", "yolo_batch.cli", *args, "--model", str(tmp_path / "model.pt"),
+                           "--out", str(tmp_path / "out")] if command[0] == "infer" else
+                          [sys.executable, "-m", "yolo_batch.cli", *args, "--model", str(tmp_path / "model.pt")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"Error: model file not found: {tmp_path / 'model.pt'} (weights are never downloaded; pass a local .pt)"]
+    assert not (tmp_path / "out").exists()

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from yolo_batch import ultralytics_adapter
 from yolo_batch.core.devices import inference_device, torch_threads
 from yolo_batch.core.files import write_json
 from yolo_batch.core.progress import NullProgress, ProgressReporter
@@ -104,6 +105,7 @@ def open_run(config: InferConfig, write_files: bool = True,
         InputError: bad sources, model, device, or an output folder holding another configuration's results.
     """
     discovery = discover(config.sources)  # before touching --out: bad sources must not create folders
+    ultralytics_adapter.check_model_spec(config.model)  # refused before the runtime choice is logged
     device, _ = inference_device(config.device, None)  # the precision is the runtime choice's
     runtime = resolve_runtime(config.backend, config.precision_request(), device)
     if write_files:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from yolo_batch import ultralytics_adapter
 from yolo_batch.core.devices import inference_device
 from yolo_batch.inference.config import requested_precision
 from yolo_batch.inference.decode import (
@@ -109,6 +110,7 @@ class DetectorBackend:
         """
         import torch
 
+        ultralytics_adapter.check_model_spec(config.model)  # refused before the runtime choice is logged
         device, _ = inference_device(config.device, None)  # the precision is the runtime choice's
         choice = resolve_runtime(config.backend, requested_precision(config.precision, config.half), device)
         threads, streams = cpu_parallelism(config, device.type == "cuda")  # type: ignore[arg-type]
