@@ -290,8 +290,9 @@ def test_a_missing_out_folder_is_checked_where_it_would_be_created():
         shutil.rmtree(base)
 
 
-@pytest.mark.parametrize("command", [["serve"], ["infer", "{images}"]])
-def test_a_missing_model_is_the_only_line_a_real_process_prints(command, tmp_path):
+@pytest.mark.parametrize("command", [["serve"], ["infer", "{images}"], ["serve", "--watch", "{images}/a.jpg",
+                                                                        "--out", "{images}"]])
+def test_a_bad_start_is_the_only_line_a_real_process_prints(command, tmp_path):
     """As the container runs it: logging configured, so nothing (the runtime choice's INFO line included) may be
     said before the refusal."""
     images = tmp_path / "images"
@@ -303,6 +304,7 @@ def test_a_missing_model_is_the_only_line_a_real_process_prints(command, tmp_pat
                           [sys.executable, "-m", "yolo_batch.cli", *args, "--model", str(tmp_path / "model.pt")],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        f"Error: model file not found: {tmp_path / 'model.pt'} (weights are never downloaded; pass a local .pt)"]
+    missing = f"Error: model file not found: {tmp_path / 'model.pt'} (weights are never downloaded; pass a local .pt)"
+    expected = f"Error: --watch {images / 'a.jpg'} is not a folder" if "--watch" in command else missing
+    assert done.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "out").exists()

@@ -136,16 +136,17 @@ def serve(config: ServeConfig, backend_factory: BackendFactory = DetectorBackend
     served = False
     try:
         with _latched_signals() as latch:
-            backend = backend_factory(config)  # a bad model fails here, before anything is served
-            if latch.received:
-                log.info("signal received while loading: not starting")
-                return 0
+            # Folders first: a refusal is then the only line a bad start prints (loading logs the runtime choice).
             if config.watch is not None and not config.watch.is_dir():
                 raise InputError(f"--watch {config.watch} is not a folder")
             if config.out is not None and config.out.exists() and not config.out.is_dir():
                 raise InputError(f"--out {config.out} is a file, not a folder")
             if config.watch is not None and config.out is not None:
                 check_hot_folder_access(config.watch, config.out)
+            backend = backend_factory(config)  # a bad model fails here, before anything is served
+            if latch.received:
+                log.info("signal received while loading: not starting")
+                return 0
             loaded = backend
             app = create_app(config, lambda _: loaded)
             state: ServiceState = app.state.service
