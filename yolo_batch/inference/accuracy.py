@@ -17,7 +17,7 @@ Detections here are ``(n, 6)`` arrays ``x1 y1 x2 y2 confidence class`` in pixels
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -71,34 +71,33 @@ def above(detections: np.ndarray, conf: float) -> np.ndarray:
     return detections[detections[:, 4] >= conf]
 
 
-def matched_share(ours: PerImage, theirs: PerImage, conf: float = CONTRACT_CONF,
-                  other_conf: float = OTHER_SIDE_CONF, iou: float = MATCH_IOU) -> float:
-    """Share of ``ours`` above ``conf`` with a same-class box of IoU >= ``iou`` in ``theirs`` above ``other_conf``.
-
-    1.0 when ours has no detection above ``conf`` (nothing was lost).
-    """
+def _share_found(mine: PerImage, other: PerImage, conf: float, other_conf: float,
+                 found: Callable[[np.ndarray, np.ndarray], bool]) -> float:
+    """Share of ``mine``'s boxes above ``conf`` for which ``found(box, same-class boxes of other above other_conf)``;
+    1.0 when there is none (nothing was lost)."""
     hits = total = 0
-    for name, rows in ours.items():
-        other = above(theirs.get(name, np.zeros((0, 6))), other_conf)
+    for name, rows in mine.items():
+        candidates = above(other.get(name, np.zeros((0, 6))), other_conf)
         for row in above(rows, conf):
             total += 1
-            same = other[other[:, 5] == row[5]]
-            hits += bool(len(same) and iou_matrix(row[None, :4], same[:, :4]).max() >= iou)
+            same = candidates[candidates[:, 5] == row[5]]
+            hits += bool(len(same) and found(row, same))
     return hits / total if total else 1.0
+
+
+def matched_share(ours: PerImage, theirs: PerImage, conf: float = CONTRACT_CONF,
+                  other_conf: float = OTHER_SIDE_CONF, iou: float = MATCH_IOU) -> float:
+    """Share of ``ours`` above ``conf`` with a same-class box of IoU >= ``iou`` in ``theirs`` above ``other_conf``."""
+    return _share_found(ours, theirs, conf, other_conf,
+                        lambda row, same: bool(iou_matrix(row[None, :4], same[:, :4]).max() >= iou))
 
 
 def within_pixels(ours: PerImage, reference: PerImage, conf: float = CONTRACT_CONF,
                   other_conf: float = OTHER_SIDE_CONF, pixels: float = PIXELS) -> float:
     """Share of the reference's boxes above ``conf`` with a same-class box in ``ours`` whose every edge is within
     ``pixels``."""
-    hits = total = 0
-    for name, rows in reference.items():
-        other = above(ours.get(name, np.zeros((0, 6))), other_conf)
-        for row in above(rows, conf):
-            total += 1
-            same = other[other[:, 5] == row[5]]
-            hits += bool(len(same) and np.abs(same[:, :4] - row[:4]).max(1).min() <= pixels)
-    return hits / total if total else 1.0
+    return _share_found(reference, ours, conf, other_conf,
+                        lambda row, same: bool(np.abs(same[:, :4] - row[:4]).max(1).min() <= pixels))
 
 
 @dataclass(frozen=True)
