@@ -88,7 +88,11 @@ class ServeConfig:
     max_connections: int = setting(512, "Most open connections; beyond them a new request gets 503 and is closed.")
     watch: Path | None = setting(None, "Hot folder: process files that appear in it (with --out).", shown="none")
     out: Path | None = setting(None, "Where the hot folder's results.jsonl and errors.jsonl go.", shown="none")
-    poll_ms: float = setting(250.0, "Hot folder scan interval; a file is taken once its size held for one scan.")
+    poll_ms: float = setting(250.0, "Hot folder scan interval.")
+    settle_ms: float = setting(1000.0, "Hot folder: a file is taken once its size and modification time held this "
+                                       "long (and at least one scan).")
+    corrupt_retry_s: float = setting(5.0, "Hot folder: a file that does not decode (truncated, empty) is taken once "
+                                          "more after this wait, in case its writer was not done; then failed/.")
     grace_s: float = setting(30.0, "On SIGTERM, time for queued work to finish; the rest gets 503.")
     log_level: str = setting("info", "debug, info, warning or error.")
     image_window: tuple[float, float] | None = None  # the profile's, for 16-bit images
@@ -113,6 +117,8 @@ class ServeConfig:
         check_number(self.max_delay_ms, "max-delay-ms", minimum=0.0)
         check_number(self.timeout_ms, "timeout-ms", positive=True)
         check_number(self.poll_ms, "poll-ms", positive=True)
+        check_number(self.settle_ms, "settle-ms", minimum=0.0)
+        check_number(self.corrupt_retry_s, "corrupt-retry-s", minimum=0.0)
         check_number(self.grace_s, "grace-s", minimum=0.0)
         check_number(self.read_timeout_s, "read-timeout-s", positive=True)
         check_latency_limit(self.max_latency_ms, self.max_batch.is_auto, batch_name="--max-batch")

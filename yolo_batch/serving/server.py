@@ -29,7 +29,7 @@ from yolo_batch.errors import InputError
 from yolo_batch.serving.app import create_app
 from yolo_batch.serving.backend import DetectorBackend
 from yolo_batch.serving.config import ServeConfig
-from yolo_batch.serving.hotfolder import DONE, ERRORS, FAILED, RESULTS
+from yolo_batch.serving.journal import DONE, ERRORS, FAILED, RESULTS
 from yolo_batch.serving.state import BackendFactory, ServiceState
 
 log = logging.getLogger(__name__)
