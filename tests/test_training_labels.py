@@ -155,3 +155,8 @@ def test_training_from_another_folder_with_some_bad_labels(small_set, tmp_path, 
     assert any("2 of 8 training images skipped" in r for r in result.decision.reasons)
     assert any("resolved against the yaml's folder" in r for r in result.decision.reasons)
     assert result.weights is not None and result.weights.is_file()
+
+
+def test_single_cls_takes_any_class_id_as_ultralytics_does(small_set):
+    break_all(small_set, "7 0.5 0.5 0.2 0.2")
+    assert inspect_dataset(small_set, single_cls=True).notes == ()

@@ -231,6 +231,7 @@ class HotFolder:
                   and self._retry_after.get(name, 0.0) <= now]
         self._seen = current
         self._undecoded = {name: sig for name, sig in self._undecoded.items() if name in current}
+        self._retry_after = {name: when for name, when in self._retry_after.items() if name in current}
         for name in stable:
             if len(self._pending) >= self.window:
                 break

@@ -58,11 +58,12 @@ def resolve_data(data: str | Path | None) -> Path:
     return default_dataset(cache_dir() / "datasets")
 
 
-def inspect_dataset(data: str | Path, progress: Reporter | None = None) -> DatasetInfo:
+def inspect_dataset(data: str | Path, progress: Reporter | None = None, single_cls: bool = False) -> DatasetInfo:
     """Validate ``data`` with Ultralytics' rules and count what sizing needs (``progress``: the label scan).
 
     Label files are checked by Ultralytics' rules too (:mod:`.labels`): where some images would be dropped, one
-    warning counts them and why; where none would remain, nothing runs.
+    warning counts them and why; where none would remain, nothing runs. ``single_cls`` (the train argument): any
+    class id is taken, as Ultralytics takes it.
 
     Raises:
         InputError: the yaml or its folders are missing or malformed, the train split is empty, or no split has a
@@ -76,7 +77,8 @@ def inspect_dataset(data: str | Path, progress: Reporter | None = None) -> Datas
     if not train:
         raise InputError(f"no training images found for {data} (looked in {resolved['train']})")
     nc = int(resolved["nc"])
-    scans = [_scan_labels(train, "training", nc, progress), _scan_labels(val, "validation", nc, None)]
+    limit = None if single_cls else nc
+    scans = [_scan_labels(train, "training", limit, progress), _scan_labels(val, "validation", limit, None)]
     notes = [] if path_note is None else [path_note]
     for scan, files in zip(scans, (train, val)):
         folder = ultralytics_adapter.label_paths(files[:1])[0].parent if files else Path()
@@ -98,7 +100,7 @@ def inspect_dataset(data: str | Path, progress: Reporter | None = None) -> Datas
     )
 
 
-def _scan_labels(images: list[Path], split: str, nc: int, progress: Reporter | None) -> SplitScan:
+def _scan_labels(images: list[Path], split: str, nc: int | None, progress: Reporter | None) -> SplitScan:
     """Every label file of one split, checked; ``progress`` is told when there are many."""
     labels = ultralytics_adapter.label_paths(images)
     scan = SplitScan(split, images=len(images))

@@ -32,8 +32,9 @@ class LabelProblem:
         return f"{self.path}:{self.line}: {self.detail}"
 
 
-def check_row(tokens: list[str], nc: int) -> tuple[str, str] | None:
-    """(kind, detail) of what is wrong with one label row, or None when Ultralytics will accept it."""
+def check_row(tokens: list[str], nc: int | None) -> tuple[str, str] | None:
+    """(kind, detail) of what is wrong with one label row, or None when Ultralytics will accept it (``nc`` None:
+    ``single_cls``, where Ultralytics takes any class id as class 0)."""
     try:
         values = [float(t) for t in tokens]
     except ValueError:
@@ -46,7 +47,7 @@ def check_row(tokens: list[str], nc: int) -> tuple[str, str] | None:
     cls, coords = values[0], values[1:]
     if cls % 1 or cls < 0:
         return "bad class id", f"class id {tokens[0]} is not a whole number >= 0"
-    if cls >= nc:
+    if nc is not None and cls >= nc:
         return f"class id >= nc {nc}", f"class id {int(cls)} >= nc {nc} (classes are 0-{nc - 1})"
     if len(values) == BOX_COLUMNS and min(coords[2:]) < 0:
         return "negative size", f"negative size: width {tokens[3]}, height {tokens[4]}"
@@ -55,7 +56,7 @@ def check_row(tokens: list[str], nc: int) -> tuple[str, str] | None:
     return None
 
 
-def check_label_file(path: Path, nc: int) -> tuple[LabelProblem | None, int]:
+def check_label_file(path: Path, nc: int | None) -> tuple[LabelProblem | None, int]:
     """The file's first problem (None: Ultralytics keeps it) and its number of rows.
 
     Raises:
@@ -94,7 +95,7 @@ class SplitScan:
     max_objects: int = 0
     problems: list[LabelProblem] = field(default_factory=list)
 
-    def add(self, path: Path, nc: int) -> None:
+    def add(self, path: Path, nc: int | None) -> None:
         try:
             problem, rows = check_label_file(path, nc)
         except FileNotFoundError:

@@ -152,7 +152,7 @@ def train(
     drills = injection_from_environment()  # parsed once, before anything runs
     sizing, extra = split_train_args(config.sizing, config.extra)
     data = resolve_data(sizing.data)
-    info = inspect_dataset(data, progress=progress)
+    info = inspect_dataset(data, progress=progress, single_cls=bool(extra.get("single_cls")))
     rect, rect_reason = rect_batches(config.rect, extra, info)
     config = dataclasses.replace(config, sizing=sizing, extra={**extra, **rect})
     model = ultralytics_adapter.load_model(sizing.model)
