@@ -21,7 +21,7 @@ from yolo_batch.serving.app import create_app
 from yolo_batch.serving.backend import ItemResult
 from yolo_batch.serving.config import ServeConfig
 from yolo_batch.serving.load import free_port  # noqa: F401 (re-exported for the tests)
-from yolo_batch.serving.server import bind
+from yolo_batch.serving.server import bind, uvicorn_config
 
 WAIT_S = 60.0
 
@@ -61,8 +61,7 @@ class LiveServer:
         kwargs = {} if backend_factory is None else {"backend_factory": backend_factory}
         self.app = create_app(config, **kwargs)
         self.state = self.app.state.service
-        self.server = uvicorn.Server(uvicorn.Config(self.app, lifespan="on", log_config=None, access_log=False,
-                                                    timeout_graceful_shutdown=30))
+        self.server = uvicorn.Server(uvicorn_config(self.app, config))  # as serve() runs it
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
 

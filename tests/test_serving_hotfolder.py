@@ -50,7 +50,7 @@ def folders(tmp_path: Path) -> tuple[Path, Path]:
 
 def make(folders, submit=None) -> HotFolder:
     hot = HotFolder(folders[0], folders[1], submit or FakeSubmit(), poll_s=0.01, window=8, max_bytes=1000,
-                    retry_s=0.0)
+                    retry_s=0.0, corrupt_retry_s=0.0)
     hot.open()
     return hot
 
@@ -89,6 +89,7 @@ def test_failures_go_to_errors_and_failed(folders):
     (inbox / "huge.jpg").write_bytes(b"x" * 2000)  # over max_bytes: never read
     hot.step()
     hot.step()
+    hot.step()  # bad.jpg did not decode: taken once more (corrupt_retry_s 0) before it fails
     assert sorted(p.name for p in (inbox / FAILED).iterdir()) == ["bad.jpg", "huge.jpg"]
     kinds = {x["file"]: x["kind"] for x in lines(out / ERRORS)}
     assert kinds == {"bad.jpg": "corrupt", "huge.jpg": "too-large"}
@@ -197,3 +198,115 @@ def test_a_failed_journal_write_moves_nothing_and_recovery_avoids_duplicates(fol
     assert [x["file"] for x in lines(out / RESULTS)] == ["a.jpg"]
     assert (inbox / DONE / "a.jpg").exists() and not (inbox / "a.jpg").exists()
     hot.join(0)
+
+
+# --- a file still being written: settle time, then a longer wait for one that does not decode ------------------
+
+
+class Clock:
+    """The hot folder's clock, moved by the test (no sleeps)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class DecodingSubmit(FakeSubmit):
+    """Decodes with the real reader (a truncated JPEG fails as corrupt), answers at once."""
+
+    def __call__(self, data: bytes, name: str) -> Future:
+        from yolo_batch.inference.decode import DecodeLimits, ImageReader
+
+        self.calls.append(Path(name).name)
+        future: Future = Future()
+        try:
+            image = ImageReader(DecodeLimits(max_file_bytes=1 << 20, max_pixels=1 << 20)).read_bytes(data, name)
+        except DecodeError as exc:
+            future.set_exception(exc)
+        else:
+            height, width = image.pixels.shape[:2]
+            future.set_result({"path": name, "width": width, "height": height, "detections": [], "timing_ms": {}})
+        return future
+
+
+def jpeg_bytes() -> bytes:
+    import cv2
+    import numpy as np
+
+    ok, encoded = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    assert ok
+    return encoded.tobytes()
+
+
+def slow_writer_folder(folders, clock, submit, settle_s=1.0, corrupt_retry_s=5.0) -> HotFolder:
+    hot = HotFolder(folders[0], folders[1], submit, poll_s=0.01, window=8, max_bytes=1 << 20, retry_s=0.0,
+                    settle_s=settle_s, corrupt_retry_s=corrupt_retry_s, clock=clock)
+    hot.open()
+    return hot
+
+
+def test_a_file_is_taken_only_once_it_held_still_for_the_settle_time(folders):
+    inbox, out = folders
+    clock, submit = Clock(), DecodingSubmit()
+    hot = slow_writer_folder(folders, clock, submit, settle_s=1.0)
+    (inbox / "a.jpg").write_bytes(jpeg_bytes())
+    hot.step()
+    clock.now += 0.6
+    hot.step()
+    assert submit.calls == []  # unchanged for 0.6 s of the 1 s settle time
+    clock.now += 0.6
+    hot.step()
+    assert submit.calls == ["a.jpg"] and [x["file"] for x in lines(out / RESULTS)] == ["a.jpg"]
+    hot.join(0)
+
+
+def test_a_half_written_image_waits_and_is_processed_once_its_writer_finishes(folders):
+    inbox, out = folders
+    clock, submit = Clock(), DecodingSubmit()
+    hot = slow_writer_folder(folders, clock, submit)
+    data = jpeg_bytes()
+    (inbox / "a.jpg").write_bytes(data[: len(data) // 2])  # the writer paused longer than the settle time
+    for _ in range(3):
+        hot.step()
+        clock.now += 1.5
+    assert submit.calls == ["a.jpg"]  # it did not decode: taken again only after the longer wait
+    assert (inbox / "a.jpg").exists() and lines(out / ERRORS) == [] and not list((inbox / FAILED).iterdir())
+    (inbox / "a.jpg").write_bytes(data)  # the writer finishes
+    for _ in range(4):
+        hot.step()
+        clock.now += 1.5
+    assert [x["file"] for x in lines(out / RESULTS)] == ["a.jpg"] and lines(out / ERRORS) == []
+    assert (inbox / DONE / "a.jpg").read_bytes() == data
+    hot.join(0)
+
+
+def test_a_truncated_image_that_stays_truncated_fails_after_the_wait(folders):
+    inbox, out = folders
+    clock, submit = Clock(), DecodingSubmit()
+    hot = slow_writer_folder(folders, clock, submit, corrupt_retry_s=5.0)
+    data = jpeg_bytes()
+    (inbox / "a.jpg").write_bytes(data[: len(data) // 2])
+    hot.step()
+    clock.now += 1.0
+    hot.step()  # taken: truncated
+    clock.now += 4.9
+    hot.step()
+    assert submit.calls == ["a.jpg"] and lines(out / ERRORS) == []
+    clock.now += 0.2
+    hot.step()  # 5 s later, still the same size and time: it fails
+    assert submit.calls == ["a.jpg", "a.jpg"]
+    [error] = lines(out / ERRORS)
+    assert error["file"] == "a.jpg" and error["kind"] == "corrupt" and "truncated" in error["reason"]
+    assert (inbox / FAILED / "a.jpg").exists() and not (inbox / "a.jpg").exists()
+    hot.join(0)
+
+
+def test_the_settle_time_and_the_wait_for_undecodable_files_are_settings():
+    from yolo_batch.serving.config import resolve
+
+    config = resolve({"model": "m.pt", "settle_ms": 2500.0}, environ={"YOLO_BATCH_CORRUPT_RETRY_S": "12"})
+    assert (config.settle_ms, config.corrupt_retry_s) == (2500.0, 12.0)
+    defaults = resolve({"model": "m.pt"}, environ={})
+    assert defaults.corrupt_retry_s >= 5.0 and defaults.settle_ms >= defaults.poll_ms

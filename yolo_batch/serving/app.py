@@ -180,7 +180,7 @@ async def _detect(state: ServiceState, request: Request, name: str | None) -> di
     backend, batcher, executor = state.backend, state.batcher, state.executor
     if not state.ready.is_set() or backend is None or batcher is None or executor is None:
         raise ServiceError(503, "not-ready", state.not_ready_reason() or "not ready", {"Retry-After": "5"})
-    images = await read_images(request, config.max_body_bytes, config.max_images, name)
+    images = await read_images(request, config.max_body_bytes, config.max_images, name, config.read_timeout_s)
     count = len(images)
     if state.draining.is_set():  # the signal came while the body was read
         raise ServiceError(503, "shutting-down", "the service is shutting down", {"Retry-After": "5"})

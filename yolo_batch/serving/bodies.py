@@ -1,17 +1,20 @@
 """Images out of a request body: raw bytes (``image/*``, ``application/octet-stream``) or multipart files.
 
 Limits are enforced while reading: the whole body (``Content-Length`` first, then the bytes as they
-arrive) and the number of images. Per-image byte and pixel limits are the decoder's
-(:class:`~yolo_batch.inference.decode.DecodeLimits`).
+arrive), the number of images and the time the body takes to arrive (408, so a stalled upload does not hold
+its connection). Per-image byte and pixel limits are the decoder's
+(:class:`~yolo_batch.inference.decode.DecodeLimits`). A client that goes away mid-upload is a
+``client-disconnect`` (status 499, as nginx counts it: no answer reaches that client), not a failure of ours.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from yolo_batch.serving.errors import ServiceError
 
@@ -28,14 +31,25 @@ async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncGenerator[b
         yield chunk
 
 
-async def read_images(request: Request, max_body_bytes: int, max_images: int,
-                      name: str | None = None) -> list[tuple[str, bytes]]:
-    """``(name, bytes)`` for each image in the body, in order.
+async def read_images(request: Request, max_body_bytes: int, max_images: int, name: str | None = None,
+                      timeout_s: float | None = None) -> list[tuple[str, bytes]]:
+    """``(name, bytes)`` for each image in the body, in order, read within ``timeout_s`` (None: no limit).
 
     Raises:
         ServiceError: 413 body or image count over a limit, 415 a content type we do not take, 400 a
-            malformed multipart body or one without files, or an empty body.
+            malformed multipart body or one without files, or an empty body; 408 the body did not arrive in
+            time (the connection is closed after the answer); 499 the client went away mid-upload.
     """
+    try:
+        return await asyncio.wait_for(_read(request, max_body_bytes, max_images, name), timeout_s)
+    except asyncio.TimeoutError:
+        raise ServiceError(408, "read-timeout", f"the request body did not arrive within {timeout_s:g} s",
+                           {"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ServiceError(499, "client-disconnect", "the client went away before its request body arrived") from None
+
+
+async def _read(request: Request, max_body_bytes: int, max_images: int, name: str | None) -> list[tuple[str, bytes]]:
     content_type = request.headers.get("content-type", RAW_TYPES[0])
     media = content_type.split(";", 1)[0].strip().lower()
     length = request.headers.get("content-length", "")

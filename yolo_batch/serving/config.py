@@ -82,9 +82,17 @@ class ServeConfig:
     # 100 megapixels: a line-scan frame still fits
     max_pixels: int = setting(100_000_000, "Largest decoded image (width x height); beyond it 413.")
     max_images: int = setting(64, "Most images in one request; beyond it 413.")
+    read_timeout_s: float = setting(30.0, "Longest time to receive one request's body; beyond it 408 (a slow or "
+                                          "stalled upload no longer holds its connection).")
+    # an open file each: well under the usual 1024 open files per process
+    max_connections: int = setting(512, "Most open connections; beyond them a new request gets 503 and is closed.")
     watch: Path | None = setting(None, "Hot folder: process files that appear in it (with --out).", shown="none")
     out: Path | None = setting(None, "Where the hot folder's results.jsonl and errors.jsonl go.", shown="none")
-    poll_ms: float = setting(250.0, "Hot folder scan interval; a file is taken once its size held for one scan.")
+    poll_ms: float = setting(250.0, "Hot folder scan interval.")
+    settle_ms: float = setting(1000.0, "Hot folder: a file is taken once its size and modification time held this "
+                                       "long (and at least one scan).")
+    corrupt_retry_s: float = setting(5.0, "Hot folder: a file that does not decode (truncated, empty) is taken once "
+                                          "more after this wait, in case its writer was not done; then failed/.")
     grace_s: float = setting(30.0, "On SIGTERM, time for queued work to finish; the rest gets 503.")
     log_level: str = setting("info", "debug, info, warning or error.")
     image_window: tuple[float, float] | None = None  # the profile's, for 16-bit images
@@ -109,9 +117,13 @@ class ServeConfig:
         check_number(self.max_delay_ms, "max-delay-ms", minimum=0.0)
         check_number(self.timeout_ms, "timeout-ms", positive=True)
         check_number(self.poll_ms, "poll-ms", positive=True)
+        check_number(self.settle_ms, "settle-ms", minimum=0.0)
+        check_number(self.corrupt_retry_s, "corrupt-retry-s", minimum=0.0)
         check_number(self.grace_s, "grace-s", minimum=0.0)
+        check_number(self.read_timeout_s, "read-timeout-s", positive=True)
         check_latency_limit(self.max_latency_ms, self.max_batch.is_auto, batch_name="--max-batch")
-        for name in ("queue_size", "max_det", "max_body_bytes", "max_image_bytes", "max_pixels", "max_images"):
+        for name in ("queue_size", "max_det", "max_body_bytes", "max_image_bytes", "max_pixels", "max_images",
+                     "max_connections"):
             check_count(getattr(self, name), name.replace("_", "-"))
         for name in ("workers", "threads", "streams"):
             check_optional_count(getattr(self, name), name)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.requests import ClientDisconnect
+
 from yolo_batch.inference.decode import DecodeError, FailureKind
 from yolo_batch.inference.oom_split import OutOfMemoryAlone
 from yolo_batch.serving.batcher import DeadlineExceeded, QueueFull, ShuttingDown
@@ -52,6 +54,8 @@ def service_error(exc: BaseException, retry_after_s: int = 1) -> ServiceError:
         return ServiceError(504, "timeout", str(exc))
     if isinstance(exc, ShuttingDown):
         return ServiceError(503, "shutting-down", str(exc), retry)
+    if isinstance(exc, ClientDisconnect):  # 499, as nginx counts it: the client is gone, no answer reaches it
+        return ServiceError(499, "client-disconnect", "the client went away before its answer")
     if isinstance(exc, OutOfMemoryAlone):
         return ServiceError(503, "device-memory", str(exc).splitlines()[0], retry)
     return ServiceError(500, "internal", f"{type(exc).__name__}: {exc}".splitlines()[0])

@@ -5,9 +5,13 @@ Layout: ``IN_DIR/name.jpg`` -> ``IN_DIR/done/name.jpg`` (or ``IN_DIR/failed/``),
 ``OUT_DIR/errors.jsonl``. done/ and failed/ sit inside IN_DIR so that the move is one ``rename`` on one
 filesystem (a move across volumes is a copy and a delete, which a crash can leave half-done).
 
-A file is taken once its size and modification time held for one scan (``poll_s``). Hidden files and
+A file is taken once its size and modification time held still for the settle time (``settle_s``, at least one
+scan of ``poll_s``). One that then does not decode as an image (truncated, or still empty) may be a writer that
+paused longer than that: it stays in IN_DIR and is taken once more after ``corrupt_retry_s``; it fails only when it
+still does not decode and has not changed meanwhile. Hidden files and
 ``*.tmp``/``*.part``/``*.partial``/``*.crdownload``/``*.filepart`` are ignored, so writers that write under a temporary
-name and rename are picked up once complete. Only regular files directly in IN_DIR are watched.
+name and rename into IN_DIR (one ``rename`` on the same filesystem) are picked up complete, with no wait at all
+beyond the settle time: the convention to follow. Only regular files directly in IN_DIR are watched.
 
 Crash safety: the journal line is written and fsynced **before** the file is moved, and every restart
 first runs :meth:`HotFolder.recover`. So at any crash point:
@@ -25,29 +29,30 @@ already journaled file under the same name is taken for the same file and only m
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from yolo_batch.core.files import append_lines, sha256_file, truncate_torn_tail
+from yolo_batch.core.files import sha256_file
+from yolo_batch.inference.decode import FailureKind
 from yolo_batch.inference.oom_split import OutOfMemoryAlone
 from yolo_batch.serving.batcher import QueueFull, ShuttingDown
+from yolo_batch.serving.journal import DONE, ERRORS, FAILED, RESULTS, Journal, Known
+
+__all__ = ["DONE", "ERRORS", "FAILED", "RESULTS", "HotFolder", "Journal", "Known"]  # the layout's names too
 
 log = logging.getLogger(__name__)
 
-DONE = "done"
-FAILED = "failed"
-RESULTS = "results.jsonl"
-ERRORS = "errors.jsonl"
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart")
 RETRYABLE = (QueueFull, ShuttingDown)  # the file stays in IN_DIR and is taken again later
+# what a file still being written decodes as: taken once more after corrupt_retry_s before it fails
+MAYBE_INCOMPLETE = (FailureKind.CORRUPT, FailureKind.EMPTY)
 
 SubmitFile = Callable[[bytes, str], "Future[dict[str, Any]]"]
 
@@ -56,66 +61,7 @@ def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@dataclass(frozen=True)
-class Known:
-    """A journaled file: where it was (to be) moved."""
-
-    outcome: str  # DONE or FAILED
-    moved_to: str  # name inside the outcome folder
-
-
-class Journal:
-    """``results.jsonl`` and ``errors.jsonl`` in OUT_DIR; appended by one thread, fsynced per group of lines."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.out_dir = out_dir
-        self.results_path = out_dir / RESULTS
-        self.errors_path = out_dir / ERRORS
-        self._results: IO[str] | None = None
-        self._errors: IO[str] | None = None
-
-    def open(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.repair()
-        # Open for the service's life, appended batch by batch; close() ends them.
-        self._results = open(self.results_path, "a", encoding="utf-8")  # noqa: SIM115
-        self._errors = open(self.errors_path, "a", encoding="utf-8")  # noqa: SIM115
-
-    def close(self) -> None:
-        for handle in (self._results, self._errors):
-            if handle is not None:
-                handle.close()
-        self._results = self._errors = None
-
-    def repair(self) -> int:
-        """Cut torn last lines from both files."""
-        return truncate_torn_tail(self.results_path) + truncate_torn_tail(self.errors_path)
-
-    def append(self, results: Iterable[dict[str, Any]], errors: Iterable[dict[str, Any]]) -> None:
-        """Write, flush and fsync: when this returns, the lines survive a crash or a power cut."""
-        if self._results is None or self._errors is None:
-            raise RuntimeError("journal used before open()")
-        append_lines(self._errors, errors)
-        append_lines(self._results, results)
-
-    def known(self, names: set[str]) -> dict[str, dict[str, Known]]:
-        """name -> {sha256: Known} for the journaled files among ``names`` (memory stays bounded by them)."""
-        found: dict[str, dict[str, Known]] = {}
-        if not names:
-            return found
-        for path, outcome in ((self.results_path, DONE), (self.errors_path, FAILED)):
-            if not path.exists():
-                continue
-            with open(path, "rb") as handle:
-                for line in handle:
-                    try:
-                        record = json.loads(line)
-                    except (ValueError, UnicodeDecodeError):
-                        continue  # a garbled line names no file: that file is processed again
-                    if isinstance(record, dict) and record.get("file") in names and record.get("sha256"):
-                        found.setdefault(record["file"], {})[record["sha256"]] = Known(
-                            outcome, str(record.get("moved_to") or record["file"]))
-        return found
+Signature = tuple[int, int]  # size and modification time (ns): a file still being written changes them
 
 
 @dataclass
@@ -123,6 +69,13 @@ class _Pending:
     name: str
     sha256: str
     future: Future[dict[str, Any]]
+    signature: Signature = (0, 0)
+
+
+@dataclass(frozen=True)
+class _Sighting:
+    signature: Signature
+    since: float  # when a scan first saw the file with this signature
 
 
 class HotFolder:
@@ -136,11 +89,16 @@ class HotFolder:
         max_bytes: larger files fail as too-large without being read.
         on_file: ``(outcome)`` after each file is journaled (``ok`` or ``error``), for metrics.
         retry_s: how long a file the service was too busy for waits before it is taken again.
+        settle_s: how long a file's size and modification time must hold still before it is taken (0: one scan).
+        corrupt_retry_s: how long a file that did not decode (truncated, empty) waits before it is taken once more;
+            failing again unchanged, it goes to failed/.
+        clock: monotonic seconds (tests move their own).
     """
 
     def __init__(self, in_dir: Path, out_dir: Path, submit_file: SubmitFile, poll_s: float = 0.25,
                  window: int = 32, max_bytes: int = 32 << 20, on_file: Callable[[str], None] | None = None,
-                 retry_s: float = 1.0) -> None:
+                 retry_s: float = 1.0, settle_s: float = 0.0, corrupt_retry_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.in_dir = Path(in_dir)
         self.out_dir = Path(out_dir)
         self.journal = Journal(self.out_dir)
@@ -150,13 +108,17 @@ class HotFolder:
         self.max_bytes = max_bytes
         self.on_file = on_file
         self.retry_s = retry_s
+        self.settle_s = settle_s
+        self.corrupt_retry_s = corrupt_retry_s
+        self.clock = clock
         self.error: BaseException | None = None
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending: dict[str, _Pending] = {}
-        self._seen: dict[str, tuple[int, int]] = {}
+        self._seen: dict[str, _Sighting] = {}
         self._retry_after: dict[str, float] = {}
+        self._undecoded: dict[str, Signature] = {}  # files that did not decode once, at this signature
         self._needs_recovery = True
 
     # --- lifecycle -------------------------------------------------------------------------------------------
@@ -250,23 +212,33 @@ class HotFolder:
                 and e.is_file(follow_symlinks=False)]
 
     def _submit_stable(self) -> None:
-        now = time.monotonic()
-        current: dict[str, tuple[int, int]] = {}
+        now = self.clock()
+        current: dict[str, _Sighting] = {}
         for entry in sorted(self._scan(), key=lambda e: e.name):
             try:
                 stat = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            current[entry.name] = (stat.st_size, stat.st_mtime_ns)
-        stable = [name for name, sig in current.items() if self._seen.get(name) == sig
-                  and name not in self._pending and self._retry_after.get(name, 0.0) <= now]
+            signature = (stat.st_size, stat.st_mtime_ns)
+            seen = self._seen.get(entry.name)
+            current[entry.name] = seen if seen is not None and seen.signature == signature else _Sighting(
+                signature, now)
+            if entry.name in self._undecoded and self._undecoded[entry.name] != signature:
+                self._retry_after.pop(entry.name, None)  # its writer is back: the settle time is wait enough
+        # held still since an earlier scan, for the settle time; and not waiting for a retry
+        stable = [name for name, sighting in current.items() if self._seen.get(name) == sighting
+                  and now - sighting.since >= self.settle_s and name not in self._pending
+                  and self._retry_after.get(name, 0.0) <= now]
         self._seen = current
+        self._undecoded = {name: sig for name, sig in self._undecoded.items() if name in current}
+        self._retry_after = {name: when for name, when in self._retry_after.items() if name in current}
         for name in stable:
             if len(self._pending) >= self.window:
                 break
-            self._take(name, current[name][0])
+            self._take(name, current[name].signature)
 
-    def _take(self, name: str, size: int) -> None:
+    def _take(self, name: str, signature: Signature) -> None:
+        size = signature[0]
         path = self.in_dir / name
         future: Future[dict[str, Any]]
         if size > self.max_bytes:
@@ -284,7 +256,8 @@ class HotFolder:
                 data = b""
             else:
                 future = self.submit_file(data, str(path))
-        pending = _Pending(name=name, sha256=sha256_of(data) if data else _sha256_or_empty(path), future=future)
+        pending = _Pending(name=name, sha256=sha256_of(data) if data else _sha256_or_empty(path), future=future,
+                           signature=signature)
         self._pending[name] = pending
         future.add_done_callback(lambda _: self._wake.set())
 
@@ -300,9 +273,13 @@ class HotFolder:
             del self._pending[pending.name]
             exc = pending.future.exception()
             if isinstance(exc, RETRYABLE):  # busy or stopping: the file stays and is taken again later
-                self._retry_after[pending.name] = time.monotonic() + self.retry_s
+                self._retry_after[pending.name] = self.clock() + self.retry_s
+                continue
+            if self._maybe_incomplete(pending, exc):  # stays in IN_DIR: its writer may not be done
+                self._retry_after[pending.name] = self.clock() + self.corrupt_retry_s
                 continue
             self._retry_after.pop(pending.name, None)
+            self._undecoded.pop(pending.name, None)
             outcome = DONE if exc is None else FAILED
             target = self._target(outcome, pending.name, pending.sha256, planned)
             planned.add((outcome, target))
@@ -326,6 +303,18 @@ class HotFolder:
             self._move(name, outcome, target)
             if self.on_file is not None:
                 self.on_file("ok" if outcome == DONE else "error")
+
+    def _maybe_incomplete(self, pending: _Pending, exc: BaseException | None) -> bool:
+        """True the first time a file fails to decode at its size and time; then it waits for ``corrupt_retry_s``.
+        Failing again unchanged after that wait, it is taken for what it is (False)."""
+        if getattr(exc, "kind", None) not in MAYBE_INCOMPLETE:
+            return False
+        if self._undecoded.get(pending.name) == pending.signature:
+            return False
+        self._undecoded[pending.name] = pending.signature
+        log.info("hot folder: %s does not decode yet (%s); taken again in %g s", pending.name, exc,
+                 self.corrupt_retry_s)
+        return True
 
     def _target(self, outcome: str, name: str, sha256: str, planned: set[tuple[str, str]]) -> str:
         """A name free in the outcome folder: the file's own, else with its hash (a reused name)."""

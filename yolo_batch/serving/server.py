@@ -29,7 +29,7 @@ from yolo_batch.errors import InputError
 from yolo_batch.serving.app import create_app
 from yolo_batch.serving.backend import DetectorBackend
 from yolo_batch.serving.config import ServeConfig
-from yolo_batch.serving.hotfolder import DONE, ERRORS, FAILED, RESULTS
+from yolo_batch.serving.journal import DONE, ERRORS, FAILED, RESULTS
 from yolo_batch.serving.state import BackendFactory, ServiceState
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,19 @@ def check_hot_folder_access(watch: Path, out: Path) -> None:
 
     Raises:
         InputError: ``watch`` (or its done/, failed/), ``out`` (or the folder it would be created in) or a
-            journal file in it is not writable by this process.
+            journal file in it is not writable by this process, is on a read-only file system, or is a file
+            where a folder goes (or the reverse).
     """
+    if not watch.is_dir():
+        raise InputError(f"--watch {watch} is not a folder")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder")
+    for folder in (watch / DONE, watch / FAILED):
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"{folder} is not a folder: the hot folder moves files into it")
+    for name in (RESULTS, ERRORS):
+        if (out / name).is_dir():
+            raise InputError(f"{out / name} is a folder: the hot folder appends its journal lines to a file there")
     needed = [(watch, os.R_OK | os.W_OK | os.X_OK)]
     needed += [(watch / name, os.W_OK | os.X_OK) for name in (DONE, FAILED) if (watch / name).is_dir()]
     target = out
@@ -79,9 +90,20 @@ def check_hot_folder_access(watch: Path, out: Path) -> None:
     needed += [(out / name, os.R_OK | os.W_OK) for name in (RESULTS, ERRORS) if (out / name).is_file()]
     for folder, mode in needed:
         if not os.access(folder, mode):
+            if os.statvfs(folder).f_flag & os.ST_RDONLY:  # no owner change helps there
+                raise InputError(f"{folder} is not writable: it is on a read-only file system (mount it read-write)")
             uid, gid = os.getuid(), os.getgid()
             raise InputError(f"{folder} is not writable by this process (uid {uid}, gid {gid}): give it that owner, "
                              f"e.g. sudo chown -R {uid}:{gid} on the host folder mounted there")
+
+
+def uvicorn_config(app: Any, config: ServeConfig) -> uvicorn.Config:
+    """How uvicorn runs the app: our logging, the drain's time, the bound on open connections."""
+    return uvicorn.Config(app, lifespan="on", log_config=None, access_log=False,
+                          log_level=config.log_level.lower(),
+                          timeout_graceful_shutdown=int(config.grace_s + _SEND_SLACK_S),
+                          # uvicorn refuses at ">= limit", counting the new connection itself
+                          limit_concurrency=config.max_connections + 1)
 
 
 class _Server(uvicorn.Server):
@@ -136,11 +158,8 @@ def serve(config: ServeConfig, backend_factory: BackendFactory = DetectorBackend
     served = False
     try:
         with _latched_signals() as latch:
-            # Folders first: a refusal is then the only line a bad start prints (loading logs the runtime choice).
-            if config.watch is not None and not config.watch.is_dir():
-                raise InputError(f"--watch {config.watch} is not a folder")
-            if config.out is not None and config.out.exists() and not config.out.is_dir():
-                raise InputError(f"--out {config.out} is a file, not a folder")
+            # Folders first: a refusal is then the only line a bad start prints (loading logs the runtime choice
+            # and can take minutes).
             if config.watch is not None and config.out is not None:
                 check_hot_folder_access(config.watch, config.out)
             backend = backend_factory(config)  # a bad model fails here, before anything is served
@@ -150,9 +169,7 @@ def serve(config: ServeConfig, backend_factory: BackendFactory = DetectorBackend
             loaded = backend
             app = create_app(config, lambda _: loaded)
             state: ServiceState = app.state.service
-            server = _Server(uvicorn.Config(app, lifespan="on", log_config=None, access_log=False,
-                                            log_level=config.log_level.lower(),
-                                            timeout_graceful_shutdown=int(config.grace_s + _SEND_SLACK_S)), state)
+            server = _Server(uvicorn_config(app, config), state)
             state.on_fatal = server.fatal
             port = sock.getsockname()[1]
             log.info("listening on http://%s:%d (model %s)", config.host, port, config.model)

@@ -110,7 +110,9 @@ class ServiceState:
                     self.hotfolder = HotFolder(self.config.watch, self.config.out, self.submit_file,
                                                poll_s=self.config.poll_ms / 1e3,
                                                window=min(window, self.config.queue_size),
-                                               max_bytes=self.config.max_image_bytes, on_file=self._on_file)
+                                               max_bytes=self.config.max_image_bytes, on_file=self._on_file,
+                                               settle_s=self.config.settle_ms / 1e3,
+                                               corrupt_retry_s=self.config.corrupt_retry_s)
                     self.hotfolder.start()
                 info = backend.info()
                 self.metrics.info.labels(__version__, self.config.model, str(info.get("device"))).set(1)

@@ -314,7 +314,7 @@ def _decide(
         lr0=config.lr0, momentum=config.momentum, rule=config.lr_scaling, n_train=info.train_images,
         epochs=config.epochs, nc=info.nc, accumulate_to=config.accumulate_to,
     )
-    notes = list(reasons) + list(settings.reasons if settings is not None else ())
+    notes = [*info.notes, *reasons, *(settings.reasons if settings is not None else ())]
     if source != "fixed" and config.max_batch is not None:
         notes.append(f"capped at {config.max_batch} per device by the {config.profile} profile")
     bn = choose_bn_policy(config.bn, batch, devices.world_size, config.starts_from_weights)

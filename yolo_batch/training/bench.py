@@ -85,7 +85,7 @@ def run_autobatch_bench(config: SizingConfig) -> BenchReport:
                            skipped="no CUDA GPU on this machine: the AutoBatch benchmark needs one (nothing measured)")
     data = resolve_data(config.data)
     info = inspect_dataset(data)
-    config = dataclasses.replace(config, data=data, use_cache=False)
+    config = dataclasses.replace(config, data=info.training_yaml or data, use_cache=False)
     model = ultralytics_adapter.load_model(config.model)  # once: each use below takes a copy
     ours = estimate_batch(config, model=model, dataset=info)
     device = torch.device("cuda", int(ours.device.split(",")[0]))

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from yolo_batch import ultralytics_adapter
+from yolo_batch.core.files import atomic_write
 from yolo_batch.core.progress import Reporter, tracked
 from yolo_batch.errors import InputError
+from yolo_batch.training.labels import SplitScan
+
+log = logging.getLogger(__name__)
 
 SCAN_REPORT_MIN = 2000  # label files: below this the scan takes well under a second, and is not reported
 MOSAIC_FACTOR = 4  # mosaic stitches four images, so one training image can carry four images' objects
@@ -25,6 +33,8 @@ class DatasetInfo:
     val_images: int
     max_objects: int  # in one source image
     square_images: bool = True  # every sampled training image is square
+    training_yaml: Path | None = None  # what Ultralytics is handed: the yaml, or its copy with path: made absolute
+    notes: tuple[str, ...] = ()  # for the decision record: how path: was resolved, label files Ultralytics drops
 
     @property
     def worst_case_targets(self) -> int:
@@ -48,39 +58,85 @@ def resolve_data(data: str | Path | None) -> Path:
     return default_dataset(cache_dir() / "datasets")
 
 
-def inspect_dataset(data: str | Path, progress: Reporter | None = None) -> DatasetInfo:
+def inspect_dataset(data: str | Path, progress: Reporter | None = None, single_cls: bool = False) -> DatasetInfo:
     """Validate ``data`` with Ultralytics' rules and count what sizing needs (``progress``: the label scan).
 
+    Label files are checked by Ultralytics' rules too (:mod:`.labels`): where some images would be dropped, one
+    warning counts them and why; where none would remain, nothing runs. ``single_cls`` (the train argument): any
+    class id is taken, as Ultralytics takes it.
+
     Raises:
-        InputError: the yaml or its folders are missing or malformed, or the train split is empty.
+        InputError: the yaml or its folders are missing or malformed, the train split is empty, or no split has a
+            usable label file (the first bad file and line named).
     """
-    resolved = ultralytics_adapter.check_dataset(data)
+    handed, path_note = training_yaml(Path(data))
+    resolved = ultralytics_adapter.check_dataset(handed, shown=data)
     formats = ultralytics_adapter.image_formats()
     train = image_files(resolved["train"], formats)
     val = image_files(resolved["val"], formats)
     if not train:
         raise InputError(f"no training images found for {data} (looked in {resolved['train']})")
-    max_objects = 0
-    labels = ultralytics_adapter.label_paths(train)
-    reporter = progress if len(labels) >= SCAN_REPORT_MIN else None
-    with tracked(reporter, "scan labels", total=len(labels), unit="label file", rate_unit="file") as scan:
-        for done, label in enumerate(labels, 1):
-            try:
-                with open(label) as f:
-                    max_objects = max(max_objects, sum(1 for line in f if line.strip()))
-            except FileNotFoundError:  # an image without labels is a background image
-                pass
-            scan.update(done)
+    nc = int(resolved["nc"])
+    limit = None if single_cls else nc
+    scans = [_scan_labels(train, "training", limit, progress), _scan_labels(val, "validation", limit, None)]
+    notes = [] if path_note is None else [path_note]
+    for scan, files in zip(scans, (train, val)):
+        folder = ultralytics_adapter.label_paths(files[:1])[0].parent if files else Path()
+        warning = scan.verdict(data, folder)
+        if warning is not None:
+            log.warning(warning)
+            notes.append(warning)
     names = resolved["names"]
     return DatasetInfo(
         yaml_path=Path(data).resolve(),
-        nc=int(resolved["nc"]),
+        nc=nc,
         names=tuple(names.values()) if isinstance(names, dict) else tuple(names),
         train_images=len(train),
         val_images=len(val),
-        max_objects=max_objects,
+        max_objects=scans[0].max_objects,
         square_images=all(width == height for width, height in _sample_sizes(train)),
+        training_yaml=handed,
+        notes=tuple(notes),
     )
+
+
+def _scan_labels(images: list[Path], split: str, nc: int | None, progress: Reporter | None) -> SplitScan:
+    """Every label file of one split, checked; ``progress`` is told when there are many."""
+    labels = ultralytics_adapter.label_paths(images)
+    scan = SplitScan(split, images=len(images))
+    reporter = progress if len(labels) >= SCAN_REPORT_MIN else None
+    with tracked(reporter, "scan labels", total=len(labels), unit="label file", rate_unit="file") as bar:
+        for done, label in enumerate(labels, 1):
+            scan.add(label, nc)
+            bar.update(done)
+    return scan
+
+
+def training_yaml(data: Path) -> tuple[Path, str | None]:
+    """The data yaml to hand Ultralytics, and a note when it is not ``data`` itself.
+
+    Ultralytics resolves a relative ``path:`` against the current directory, then against its global datasets
+    folder, so the same command would read different data from different folders. yolo-batch resolves it against
+    the yaml's own folder, as the yaml's author meant, and hands Ultralytics a copy (in the cache) with that
+    folder written out. A yaml that cannot be read is handed on as it is, for :func:`check_dataset` to explain.
+    """
+    try:
+        content = yaml.safe_load(data.read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return data, None
+    if not isinstance(content, dict) or not isinstance(content.get("path"), str):
+        return data, None
+    relative = content["path"]
+    if Path(relative).is_absolute():
+        return data, None
+    root = (data.resolve().parent / relative).resolve()
+    content["path"] = str(root)
+    text = yaml.safe_dump(content, sort_keys=False)
+    digest = hashlib.sha256(f"{data.resolve()}\n{text}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "data-yamls" / digest
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = atomic_write(folder / data.name, text)
+    return copy, f"data yaml {data}: path '{relative}' resolved against the yaml's folder: {root}"
 
 
 def _sample_sizes(files: list[Path]) -> list[tuple[int, int]]:

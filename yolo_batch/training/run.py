@@ -123,8 +123,8 @@ def ultralytics_overrides(config: TrainConfig, decision: AutoBatchDecision, data
         **config.extra,
         **decision.pinned,
     }
-    if config.project is not None:
-        overrides["project"] = config.project
+    if config.project is not None:  # Ultralytics puts a relative project under its global runs_dir, not the cwd
+        overrides["project"] = str(Path(config.project).absolute())
     if config.name is not None:
         overrides["name"] = config.name
     return overrides
@@ -152,7 +152,7 @@ def train(
     drills = injection_from_environment()  # parsed once, before anything runs
     sizing, extra = split_train_args(config.sizing, config.extra)
     data = resolve_data(sizing.data)
-    info = inspect_dataset(data, progress=progress)
+    info = inspect_dataset(data, progress=progress, single_cls=bool(extra.get("single_cls")))
     rect, rect_reason = rect_batches(config.rect, extra, info)
     config = dataclasses.replace(config, sizing=sizing, extra={**extra, **rect})
     model = ultralytics_adapter.load_model(sizing.model)
@@ -170,7 +170,7 @@ def train(
     if decision.bn_policy is not None:
         ours += [(c.event, c) for c in batchnorm.callbacks_for(BnPolicy(decision.bn_policy))]
     try:
-        trainer = ultralytics_adapter.train(model, ultralytics_overrides(config, decision, data),
+        trainer = ultralytics_adapter.train(model, ultralytics_overrides(config, decision, info.training_yaml or data),
                                             callbacks=[*ours, *callbacks], image_window=config.image_window,
                                             control=control)
     except ultralytics_adapter.WorkersFailed as failed:  # what the workers recorded says why

@@ -12,13 +12,15 @@ from yolo_batch.errors import InputError
 from yolo_batch.ultralytics_adapter.session import offline, one_line, quiet
 
 
-def check_dataset(data: str | Path) -> dict[str, Any]:
-    """Validate a local data yaml the way Ultralytics will read it (``autodownload=False``).
+def check_dataset(data: str | Path, shown: str | Path | None = None) -> dict[str, Any]:
+    """Validate a local data yaml the way Ultralytics will read it (``autodownload=False``); messages name
+    ``shown`` (the user's yaml, where ``data`` is a resolved copy of it).
 
     Raises:
         InputError: missing file, malformed yaml, missing keys or image folders.
     """
     path = Path(data)
+    data = data if shown is None else shown
     if not path.is_file():
         raise InputError(f"data yaml not found: {data}")
     try:
