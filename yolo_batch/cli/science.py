@@ -90,8 +90,8 @@ def advise(batch: str | None, epochs: int, small_batch: int, chunks: int, steps:
            **opts: Any) -> None:
     """Recommend a batch, accumulation and lr0 from the gradient noise scale and the memory limit."""
     from yolo_batch.core.progress import reporter_for
-    from yolo_batch.training.advise import NoiseSettings
     from yolo_batch.training.advise import advise as run_advise
+    from yolo_batch.training.noise_scale import NoiseSettings
     from yolo_batch.ultralytics_adapter import quiet as quiet_ultralytics
 
     noise = NoiseSettings(small_batch=small_batch, chunks=chunks, steps=steps)

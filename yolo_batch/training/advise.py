@@ -13,36 +13,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from yolo_batch.core.checks import check_count
 from yolo_batch.core.progress import Reporter, tracked
 from yolo_batch.errors import InputError
 from yolo_batch.training.config import BatchRequest, SizingConfig
 from yolo_batch.training.decision import AutoBatchDecision
-from yolo_batch.training.noise_scale import NoiseScale, estimate_noise_scale
+from yolo_batch.training.noise_scale import NoiseScale, NoiseSettings, estimate_noise_scale
 from yolo_batch.training.scaling import plan_scaling
 from yolo_batch.training.search import round_batch
 
 MEASURED_SOURCES = frozenset({"autobatch", "cache"})  # decisions whose batch came from measured device memory
-
-
-@dataclass(frozen=True)
-class NoiseSettings:
-    """How the noise scale is measured: ``steps`` steps of ``chunks`` gradients at batch ``small`` each."""
-
-    small_batch: int = 4
-    chunks: int = 8
-    steps: int = 30
-    workers: int = 0
-
-    def __post_init__(self) -> None:
-        check_count(self.small_batch, "small batch")
-        check_count(self.chunks, "chunks", minimum=2)
-        check_count(self.steps, "steps", minimum=2)
-        check_count(self.workers, "workers", minimum=0)
-
-    @property
-    def big_batch(self) -> int:
-        return self.small_batch * self.chunks
 
 
 @dataclass(frozen=True)
@@ -126,7 +105,7 @@ def recommend(noise: NoiseScale, memory: AutoBatchDecision, sizing: SizingConfig
                   reasons=tuple(reasons))
 
 
-def advise(sizing: SizingConfig, noise: NoiseSettings = NoiseSettings(), *,
+def advise(sizing: SizingConfig, noise: NoiseSettings | None = None, *,
            progress: Reporter | None = None) -> Advice:
     """Measure the noise scale of ``sizing.model`` on ``sizing.data`` and the memory limit; recommend a batch.
 
@@ -140,6 +119,7 @@ def advise(sizing: SizingConfig, noise: NoiseSettings = NoiseSettings(), *,
     from yolo_batch.training.data import inspect_dataset, resolve_data
     from yolo_batch.ultralytics_adapter.gradients import measure_norms
 
+    noise = noise or NoiseSettings()
     if sizing.batch.fixed is not None:
         raise InputError(f"advise decides the batch: give --batch -1 or a memory fraction, not {sizing.batch.fixed}")
     data = resolve_data(sizing.data)

@@ -24,9 +24,30 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from yolo_batch.core.checks import check_count
 from yolo_batch.errors import InputError
 
 RESAMPLES = 2000  # bootstrap draws: the 2.5 % and 97.5 % percentiles settle to a few per mille
+
+
+@dataclass(frozen=True)
+class NoiseSettings:
+    """How the noise scale is measured: ``steps`` steps of ``chunks`` gradients at batch ``small`` each."""
+
+    small_batch: int = 4
+    chunks: int = 8
+    steps: int = 30
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        check_count(self.small_batch, "small batch")
+        check_count(self.chunks, "chunks", minimum=2)
+        check_count(self.steps, "steps", minimum=2)
+        check_count(self.workers, "workers", minimum=0)
+
+    @property
+    def big_batch(self) -> int:
+        return self.small_batch * self.chunks
 
 
 @dataclass(frozen=True)
@@ -91,8 +112,8 @@ def estimate_noise_scale(small_sq: Sequence[float], big_sq: Sequence[float], sma
     draws = sorted(_ratio([pairs[rng.randrange(len(pairs))] for _ in pairs]) for _ in range(resamples))
     low, high = _percentile(draws, 0.025), _percentile(draws, 0.975)
     b_simple = _ratio(pairs)
-    common = {"gradient_sq": gradient_sq, "trace_sigma": trace, "small_batch": small_batch, "big_batch": big_batch,
-              "steps": len(pairs)}
+    common: dict[str, Any] = {"gradient_sq": gradient_sq, "trace_sigma": trace, "small_batch": small_batch,
+                              "big_batch": big_batch, "steps": len(pairs)}
     if not math.isfinite(b_simple):
         reason = (f"the |G|^2 estimate is not positive over {len(pairs)} steps: the gradient's signal is below its "
                   f"noise at batch {big_batch}, so batches larger than that still pay; measure more steps or a "

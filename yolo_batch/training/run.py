@@ -169,6 +169,11 @@ def train(
     ours: list[ultralytics_adapter.TrainerCallback] = [("on_pretrain_routine_end", DecisionPlot(decision))]
     if decision.bn_policy is not None:
         ours += [(c.event, c) for c in batchnorm.callbacks_for(BnPolicy(decision.bn_policy))]
+    if config.log_noise_scale is not None:
+        from yolo_batch.ultralytics_adapter.noise_log import NoiseScaleLog
+
+        log_noise = NoiseScaleLog(config.log_noise_scale)
+        ours.append((log_noise.event, log_noise))
     try:
         trainer = ultralytics_adapter.train(model, ultralytics_overrides(config, decision, data),
                                             callbacks=[*ours, *callbacks], image_window=config.image_window,

@@ -134,7 +134,9 @@ def train_one(config: SweepConfig, batch: int, runs_dir: Path, settings: Mapping
     from yolo_batch.ultralytics_adapter.epoch_meter import EpochMeter, read_epochs
 
     if train_fn is None:
-        from yolo_batch.training.run import train as train_fn
+        from yolo_batch.training.run import train as default_train
+
+        train_fn = default_train
     name = f"batch{batch}"
     shutil.rmtree(runs_dir / name, ignore_errors=True)  # an unfinished earlier attempt starts over
     sizing = dataclasses.replace(config.sizing, batch=BatchRequest(fixed=batch), accumulate_to=batch)

@@ -136,7 +136,7 @@ class SweepReport:
 
     def rows(self) -> list[tuple[str, ...]]:
         """One row per run: batch, lr0, best mAP50-95, img/s, wall s, final gap, peak memory."""
-        out = []
+        out: list[tuple[str, ...]] = []
         for run in self.runs:
             peaks = [e.peak_memory_bytes for e in run.epochs if e.peak_memory_bytes is not None]
             out.append((str(run.batch), f"{run.optimizer} {run.lr0:.4g}", _fmt(run.best_map50_95, ".3f"),

@@ -44,7 +44,7 @@ def measure_norms(model: Any, data: dict[str, Any], *, imgsz: int, device: str, 
         network.to(target)
         with offline(), quiet():
             loader = training_loader(network, data, imgsz=imgsz, batch=small * chunks, workers=workers)
-        return sample_norms(network, _batches(loader), device=target, small=small, chunks=chunks, steps=steps,
+        return sample_norms(network, batches_of(loader), device=target, small=small, chunks=chunks, steps=steps,
                             on_step=on_step)
     finally:
         del network
@@ -53,17 +53,20 @@ def measure_norms(model: Any, data: dict[str, Any], *, imgsz: int, device: str, 
 
 
 def network_copy(model: Any, nc: int, imgsz: int) -> Any:
-    """The network to differentiate: a copy of ``model.model`` (a fresh one with the model's weights where the data
-    has another number of classes), with the trainer's loss settings and trainable parameters."""
-    source = model.model
-    if int(getattr(source, "nc", nc)) == nc:
-        with quiet():
-            from ultralytics.cfg import get_cfg
+    """The network to differentiate for a loaded YOLO ``model``: a copy of its network (a fresh one with the model's
+    weights where the data has another number of classes)."""
+    if int(getattr(model.model, "nc", nc)) == nc:
+        return trainable_copy(model.model, imgsz)
+    return trainable_copy(detection_model(model, nc, {"imgsz": imgsz}), imgsz)
 
-            network = copy.deepcopy(source)
-            network.args = get_cfg(overrides={"imgsz": imgsz})
-    else:
-        network = detection_model(model, nc, {"imgsz": imgsz})
+
+def trainable_copy(module: Any, imgsz: int) -> Any:
+    """A deep copy of a DetectionModel with the trainer's loss settings, trainable parameters, in train mode."""
+    with quiet():
+        from ultralytics.cfg import get_cfg
+
+        network = copy.deepcopy(module)
+        network.args = get_cfg(overrides={"imgsz": imgsz})
     network.criterion = None  # built again from these args on the first loss
     network.float()
     for name, parameter in network.named_parameters():
@@ -79,11 +82,22 @@ def training_loader(network: Any, data: dict[str, Any], *, imgsz: int, batch: in
         InputError: fewer training images than ``batch``.
     """
     from ultralytics.cfg import get_cfg
-    from ultralytics.data import build_dataloader, build_yolo_dataset
+    from ultralytics.data import build_yolo_dataset
 
-    cfg = get_cfg(overrides={"imgsz": imgsz, "workers": workers})
+    cfg: Any = get_cfg(overrides={"imgsz": imgsz, "workers": workers})
     stride = max(int(network.stride.max()), 32)
-    dataset = build_yolo_dataset(cfg, data["train"], batch, data, mode="train", stride=stride)
+    return loader_over(build_yolo_dataset(cfg, data["train"], batch, data, mode="train", stride=stride), batch,
+                       workers)
+
+
+def loader_over(dataset: Any, batch: int, workers: int = 0) -> Any:
+    """A shuffled loader of full ``batch``-image batches over a training dataset.
+
+    Raises:
+        InputError: fewer training images than ``batch``.
+    """
+    from ultralytics.data import build_dataloader
+
     if len(dataset) < batch:
         raise InputError(f"the noise scale draws {batch} training images per step but the training split holds "
                          f"{len(dataset)}: lower --small-batch or --chunks")
@@ -130,7 +144,7 @@ def _chunk(batch: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
             "cls": batch["cls"][keep], "bboxes": batch["bboxes"][keep]}
 
 
-def _batches(loader: Any) -> Iterator[dict[str, Any]]:
+def batches_of(loader: Any) -> Iterator[dict[str, Any]]:
     while True:
         yield from loader
 

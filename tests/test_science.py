@@ -1,0 +1,216 @@
+"""Batch-size science: sweep (real runs, resume, bad input), advise (JSON, model untouched), the per-epoch log."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from yolo_batch import ultralytics_adapter
+from yolo_batch.cli import main
+from yolo_batch.errors import InputError
+from yolo_batch.training.advise import recommend
+from yolo_batch.training.config import LrScaling, SizingConfig
+from yolo_batch.training.decision import AutoBatchDecision
+from yolo_batch.training.noise_scale import NoiseScale
+from yolo_batch.training.sweep import SweepConfig, auto_batches, parse_batches, run_sweep
+from yolo_batch.training.sweep_plots import PLOTS
+from yolo_batch.training.sweep_report import EpochRow, SweepRun, gap_trend
+from yolo_batch.training.sweep_report import recommend as recommend_run
+from yolo_batch.ultralytics_adapter.gradients import measure_norms
+
+TINY_SIZING = {"imgsz": 64, "epochs": 1, "device": "cpu"}
+TINY_EXTRA = {"plots": False, "workers": 0}
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+class CountingTrain:
+    """The sweep's train function, counting the batches it trained (the real training underneath)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.batches: list[int] = []
+        self.fail = fail
+
+    def __call__(self, config, **kwargs):
+        self.batches.append(config.sizing.batch.fixed)
+        if self.fail:
+            raise AssertionError(f"batch {config.sizing.batch.fixed} trained again")
+        from yolo_batch.training.run import train
+
+        return train(config, **kwargs)
+
+
+@pytest.mark.slow
+def test_sweep_trains_each_batch_unaccumulated_records_epochs_and_resumes(shapes_yaml, tmp_path):
+    out = tmp_path / "sweep"
+    config = SweepConfig(sizing=SizingConfig(data=shapes_yaml, **TINY_SIZING), batches=(2, 4), out=out,
+                         extra=TINY_EXTRA)
+    counting = CountingTrain()
+    report = run_sweep(config, train_fn=counting)
+    assert counting.batches == [2, 4]
+    summary = json.loads((out / "sweep.json").read_text())
+    assert {"recommended_batch", "recommendation", "gap_widening", "gap_note", "runs"} <= set(summary)
+    assert summary["recommended_batch"] in (2, 4)
+    assert summary["recommendation"].startswith(str(report.recommended_batch))
+    for run, batch in zip(summary["runs"], (2, 4)):
+        args = yaml.safe_load((tmp_path / "sweep" / "runs" / f"batch{batch}" / "args.yaml").read_text())
+        record = json.loads((out / "runs" / f"batch{batch}" / "autobatch.json").read_text())
+        assert args["batch"] == batch and record["trainer_accumulate"] == 1  # effective batch = the swept batch
+        assert run["effective_batch"] == batch
+        # AdamW (Ultralytics' own choice, pinned) under the sqrt rule, scaled from the nominal batch 64
+        assert args["optimizer"] == "AdamW"
+        assert args["lr0"] == pytest.approx(record["lr0_before"] * math.sqrt(batch / 64))
+        epoch = run["epochs"][0]
+        assert epoch["epoch"] == 1 and epoch["val_loss"] > 0 and epoch["train_loss"] > 0
+        assert epoch["images_per_s"] > 0 and epoch["map50_95"] is not None
+        assert epoch["peak_memory_bytes"] is None  # CPU: no allocator peak to read
+    lines = (out / "sweep.csv").read_text().splitlines()
+    assert lines[0].startswith("batch,epoch,train_loss,val_loss,gap") and len(lines) == 3
+    assert all((out / name).stat().st_size > 0 for name in PLOTS)
+
+    # a rerun skips both finished runs: nothing trains
+    again = run_sweep(config, train_fn=CountingTrain(fail=True))
+    assert [r.batch for r in again.runs] == [2, 4]
+    # a run whose record is gone trains again, alone
+    (out / "runs" / "batch4.json").unlink()
+    counting = CountingTrain()
+    run_sweep(config, train_fn=counting)
+    assert counting.batches == [4]
+
+
+def test_a_sweep_folder_from_other_settings_is_refused(shapes_yaml, tmp_path):
+    out = tmp_path / "sweep"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "batch2.json").write_text(json.dumps({"settings": {"imgsz": 640}, "run": {}}))
+    config = SweepConfig(sizing=SizingConfig(data=shapes_yaml, **TINY_SIZING), batches=(2, 4), out=out)
+    with pytest.raises(InputError, match=r"other settings .*imgsz"):
+        run_sweep(config, train_fn=CountingTrain(fail=True))
+
+
+@pytest.mark.parametrize("batches", ["8,x", "8", "8,8", "0,8", "-1,8", "eight"])
+def test_a_bad_batch_list_is_one_line_and_exit_2(batches, tmp_path):
+    result = run_cli("sweep", "--batches", batches, "--out", str(tmp_path))
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1 and "batch" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_unknown_sweep_option_is_exit_2():
+    assert run_cli("sweep", "--batchez", "8,16").exit_code == 2
+
+
+@pytest.mark.parametrize(("text", "expected"), [("auto", None), (" 32,8,16 ", (8, 16, 32)), ("1,2", (1, 2))])
+def test_batch_lists_parse_in_order(text, expected):
+    assert parse_batches(text) == expected
+
+
+@pytest.mark.parametrize(("limit", "expected"), [(None, (8, 16, 32)), (256, (16, 64, 256)), (8, (1, 2, 8))])
+def test_auto_batches_are_small_middle_and_the_limit(limit, expected):
+    assert auto_batches(limit)[0] == expected
+
+
+def _run(batch: int, maps: list[float], speed: float, train: list[float], val: list[float]) -> SweepRun:
+    epochs = tuple(EpochRow(epoch=i + 1, train_loss=t, val_loss=v, map50=m, map50_95=m, images_per_s=speed,
+                            train_s=10.0, wall_s=12.0 * (i + 1)) for i, (m, t, v) in enumerate(zip(maps, train, val)))
+    return SweepRun(batch=batch, effective_batch=batch, accumulate=1, lr0=0.01, lr_rule="linear", optimizer="SGD",
+                    save_dir="", epochs=epochs)
+
+
+def test_the_recommendation_is_the_fastest_run_within_half_a_map_point():
+    runs = [_run(8, [0.30, 0.402], 10.0, [2, 1], [2, 1.5]), _run(32, [0.30, 0.399], 21.0, [2, 1], [2, 1.6]),
+            _run(128, [0.2, 0.35], 40.0, [2, 1], [2, 1.9])]
+    batch, sentence = recommend_run(runs)
+    assert batch == 32
+    assert sentence == "32: within 0.3 mAP points of the best (8, 0.402) at 2.1x the speed of 8"
+
+
+def test_a_gap_growing_with_the_batch_is_flagged():
+    runs = [_run(8, [0.3], 10.0, [1.0], [1.2]), _run(32, [0.3], 20.0, [1.0], [1.5]),
+            _run(128, [0.3], 40.0, [1.0], [1.9])]
+    widening, note = gap_trend(runs)
+    assert widening and note.startswith("WARNING") and "128: +0.900" in note
+    flat = [_run(8, [0.3], 10.0, [1.0], [1.2]), _run(32, [0.3], 20.0, [1.0], [1.21])]
+    assert gap_trend(flat)[0] is False
+
+
+def _decision(source: str, total: int, device: str = "cpu") -> AutoBatchDecision:
+    return AutoBatchDecision(source=source, batch=total, world_size=1, total_batch=total, accumulate=1,
+                             effective_batch=total, nominal_batch=64, optimizer="SGD", lr0_before=0.01,
+                             lr0_after=0.01, lr_rule="linear", lr_factor=1.0, device=device, model="yolo11n.yaml",
+                             imgsz=640, amp=True, rounding="pow2", reasons=("device is CPU: ...",))
+
+
+def _noise(b_simple: float | None) -> NoiseScale:
+    return NoiseScale(b_simple=b_simple, ci95=(20.0, 60.0), gradient_sq=1.0, trace_sigma=40.0, small_batch=4,
+                      big_batch=32, steps=30, reason="")
+
+
+@pytest.mark.parametrize(("noise", "memory", "batch", "accumulate"), [
+    (40.0, _decision("fallback", 16), 16, 2),  # CPU: the default batch per step, accumulate to the noise scale's 32
+    (40.0, _decision("autobatch", 128, "0"), 32, 1),  # memory allows more than pays: the noise scale's 32
+    (300.0, _decision("autobatch", 64, "0"), 64, 4),  # memory is the limit: accumulate 4 to 256
+    (None, _decision("autobatch", 64, "0"), 64, 1),  # noise above what was measured: what memory allows
+])
+def test_advice_combines_noise_and_memory(noise, memory, batch, accumulate):
+    sizing = SizingConfig(optimizer="SGD", lr0=0.01, lr_scaling=LrScaling.LINEAR, nominal_batch=64)
+    advice = recommend(_noise(noise), memory, sizing, n_train=1000, nc=3)
+    assert (advice.recommended_batch, advice.accumulate) == (batch, accumulate)
+    assert advice.lr0 == pytest.approx(0.01)  # SGD, linear: Ultralytics' summed loss already scales the step
+    assert (advice.memory_limit_batch is None) == (memory.source == "fallback")
+    assert any("not measured" in r for r in advice.reasons) == (memory.source == "fallback")
+
+
+def test_advise_measures_on_a_copy_and_leaves_the_model_untouched(shapes_yaml):
+    model = ultralytics_adapter.load_model("yolo11n.yaml")
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    flags = [p.requires_grad for p in model.model.parameters()]
+    training = model.model.training
+    small, big = measure_norms(model, ultralytics_adapter.check_dataset(shapes_yaml), imgsz=64, device="cpu",
+                               small=2, chunks=2, steps=2)
+    assert len(small) == len(big) == 2 and all(s > 0 for s in small + big)
+    after = model.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm statistics
+    assert [p.requires_grad for p in model.model.parameters()] == flags and model.model.training == training
+    assert all(p.grad is None for p in model.model.parameters())
+
+
+def test_advise_json_from_a_pt_file(shapes_yaml, tmp_path):
+    weights = tmp_path / "model.pt"
+    ultralytics_adapter.load_model("yolo11n.yaml").save(str(weights))
+    before = weights.read_bytes()
+    result = run_cli("advise", "--data", str(shapes_yaml), "--model", str(weights), "--imgsz", "64", "--device", "cpu",
+                     "--small-batch", "2", "--chunks", "2", "--steps", "3", "--json")
+    assert result.exit_code == 0, result.output
+    advice = json.loads(result.stdout)
+    assert set(advice["noise_scale"]) >= {"b_simple", "ci95"} and len(advice["noise_scale"]["ci95"]) == 2
+    assert advice["memory_limit_batch"] is None  # CPU: not measurable, and the reasons say why
+    assert any("device is CPU" in r for r in advice["reasons"])
+    assert advice["recommended_batch"] >= 1 and advice["accumulate"] >= 1
+    assert weights.read_bytes() == before
+
+
+def test_advise_refuses_more_images_per_step_than_the_data_holds(shapes_yaml):
+    result = run_cli("advise", "--data", str(shapes_yaml), "--imgsz", "64", "--device", "cpu", "--small-batch", "64",
+                     "--chunks", "4", "--steps", "2")
+    assert result.exit_code == 2 and "training split holds" in result.output
+
+
+@pytest.mark.slow
+def test_train_log_noise_scale_writes_one_value_per_epoch(shapes_yaml, tmp_path):
+    result = run_cli("train", "--data", str(shapes_yaml), "--batch", "8", "--epochs", "2", "--imgsz", "64",
+                     "--device", "cpu", "--set", "plots=False", "--set", "workers=0", "--project", str(tmp_path),
+                     "--name", "logged", "--log-noise-scale", "--quiet")
+    assert result.exit_code == 0, result.output
+    log = json.loads((tmp_path / "logged" / "noise_scale.json").read_text())
+    assert (log["small_batch"], log["big_batch"], log["steps"]) == (4, 32, 10)
+    assert [e["epoch"] for e in log["epochs"]] == [1, 2]
+    for entry in log["epochs"]:
+        assert len(entry["ci95"]) == 2 and entry["train_loss"] > 0 and entry["trace_sigma"] > 0
+        assert entry["b_simple"] is None or entry["b_simple"] > 0
