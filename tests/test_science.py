@@ -214,3 +214,18 @@ def test_train_log_noise_scale_writes_one_value_per_epoch(shapes_yaml, tmp_path)
     for entry in log["epochs"]:
         assert len(entry["ci95"]) == 2 and entry["train_loss"] > 0 and entry["trace_sigma"] > 0
         assert entry["b_simple"] is None or entry["b_simple"] > 0
+
+
+def test_sweep_figures_draw_each_batch_from_the_report():
+    from yolo_batch.training.sweep_plots import gap_figure, losses_figure, map_time_figure
+    from yolo_batch.training.sweep_report import build_report
+
+    report = build_report([_run(8, [0.1, 0.2], 10.0, [2.0, 1.0], [2.5, 1.4]),
+                           _run(32, [0.1, 0.3], 20.0, [2.0, 1.2], [2.4, 1.3])], "batches given", {})
+    losses = losses_figure(report).axes[0]
+    assert [line.get_label() for line in losses.get_lines()] == ["batch 8 train", "batch 8 val", "batch 32 train",
+                                                                  "batch 32 val"]
+    timed = map_time_figure(report).axes[0].get_lines()
+    assert list(timed[1].get_xdata()) == [12.0, 24.0] and list(timed[1].get_ydata()) == [0.1, 0.3]
+    gaps = [line for line in gap_figure(report).axes[0].get_lines() if line.get_label().startswith("batch")]
+    assert list(gaps[0].get_ydata()) == pytest.approx([0.5, 0.4])
