@@ -216,6 +216,52 @@ def test_train_log_noise_scale_writes_one_value_per_epoch(shapes_yaml, tmp_path)
         assert entry["b_simple"] is None or entry["b_simple"] > 0
 
 
+@pytest.mark.slow
+def test_auto_schedule_grows_when_the_measured_noise_scale_passes_the_batch(shapes_yaml, tmp_path, monkeypatch):
+    from trainer_spy import TrainerSpy
+
+    from yolo_batch import TrainConfig, train
+    from yolo_batch.training.noise_scale import NoiseSettings
+    from yolo_batch.training.schedule import ScheduleRequest
+
+    spy = TrainerSpy().install(monkeypatch)
+    config = TrainConfig(sizing=SizingConfig(data=shapes_yaml, imgsz=64, epochs=3, device="cpu"),
+                         project=str(tmp_path), name="grown", extra={**TINY_EXTRA, "warmup_epochs": 0},
+                         batch_schedule=ScheduleRequest.parse("auto"),
+                         log_noise_scale=NoiseSettings(small_batch=2, chunks=4, steps=4))
+    result = train(config)
+    log = json.loads((result.save_dir / "noise_scale.json").read_text())["epochs"]
+    # CPU: the AutoBatch limit is the default 16, the auto schedule starts at 8; the batch doubles at the epoch after
+    # an estimate passes it (None: above what was measured, which counts as passed), never beyond the limit.
+    expected, batch = [8], 8
+    for entry in log[:-1]:
+        if batch < 16 and (entry["b_simple"] is None or entry["b_simple"] > batch):
+            batch *= 2
+        expected.append(batch)
+    assert [e["batch"] for e in spy.epochs] == expected  # what the trainer's loader really used
+    record = json.loads(result.decision_path.read_text())
+    assert [(e["epoch"], e["new_batch"]) for e in record["events"]] == [
+        (i, b) for i, b in enumerate(expected) if i and b != expected[i - 1]]
+    assert "noise-triggered" in " ".join(record["reasons"])
+
+
+def test_the_noise_schedule_doubles_after_an_estimate_passes_the_batch():
+    from yolo_batch.training.schedule import NoiseSchedule, Phase
+
+    schedule = NoiseSchedule(start=8, limit=32)
+    assert schedule.batch_at(0) == 8
+    schedule.observe(0, 5.0)  # below the batch: stay
+    assert schedule.batch_at(1) == 8
+    schedule.observe(1, 12.0)
+    assert schedule.batch_at(2) == 16 and schedule.batch_at(2) == 16  # asked again on re-entry: the same
+    schedule.observe(2, None)  # above what was measured
+    assert schedule.batch_at(3) == 32
+    schedule.observe(3, 1000.0)
+    assert schedule.batch_at(4) == 32  # the limit
+    assert schedule.phases == (Phase(8, 0), Phase(16, 2), Phase(32, 3))
+    assert schedule.batch_at(1) == 8
+
+
 def test_sweep_figures_draw_each_batch_from_the_report():
     from yolo_batch.training.sweep_plots import gap_figure, losses_figure, map_time_figure
     from yolo_batch.training.sweep_report import build_report

@@ -10,7 +10,7 @@ log. Rank 0 measures in a multi-GPU run. The file is rewritten atomically after 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,10 @@ class NoiseScaleLog:
 
     event = "on_fit_epoch_end"
 
-    def __init__(self, settings: NoiseSettings) -> None:
+    def __init__(self, settings: NoiseSettings,
+                 on_estimate: Callable[[int, float | None], None] | None = None) -> None:
         self.settings = settings
+        self.on_estimate = on_estimate  # (epoch, B_simple): a noise-triggered batch schedule listens
         self.epochs: list[dict[str, Any]] = []
 
     def __call__(self, trainer: Any) -> None:
@@ -44,6 +46,8 @@ class NoiseScaleLog:
                             **scale.to_dict()})
         write_json(Path(trainer.save_dir) / NOISE_FILE,
                    {"small_batch": s.small_batch, "big_batch": s.big_batch, "steps": s.steps, "epochs": self.epochs})
+        if self.on_estimate is not None:
+            self.on_estimate(int(trainer.epoch), scale.b_simple)
 
     def measure(self, trainer: Any) -> tuple[list[float], list[float]]:
         from ultralytics.utils.torch_utils import unwrap_model
