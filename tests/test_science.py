@@ -131,6 +131,23 @@ def test_the_recommendation_is_the_fastest_run_within_half_a_map_point():
     assert sentence == "32: within 0.3 mAP points of the best (8, 0.402) at 2.1x the speed of 8"
 
 
+def test_the_slowest_run_is_recommended_when_every_faster_one_loses_map():
+    runs = [_run(8, [0.404], 21.8, [3.9], [3.3]), _run(16, [0.363], 24.2, [4.0], [3.6]),
+            _run(32, [0.320], 36.4, [4.4], [4.2])]
+    assert recommend_run(runs) == (8, "8: the best mAP50-95 (0.404) and every faster batch loses more than 0.5 mAP "
+                                      "points (16: -4.1, 32: -8.4)")
+
+
+def test_gaps_are_compared_at_equal_training_loss_not_at_the_last_epoch():
+    # batch 32 took fewer steps: at the last epoch its gap is larger, but at the training loss both reached (1.5)
+    # the two gaps are the same
+    runs = [_run(8, [0.1, 0.2], 10.0, [1.5, 1.0], [2.0, 1.2]), _run(32, [0.1, 0.2], 20.0, [2.0, 1.5], [2.8, 2.0])]
+    widening, note = gap_trend(runs)
+    assert not widening
+    assert "at equal training loss 1.500: 8: +0.500 (epoch 1), 32: +0.500 (epoch 2)" in note
+    assert "at the last epoch: 8: +0.200, 32: +0.500" in note
+
+
 def test_a_gap_growing_with_the_batch_is_flagged():
     runs = [_run(8, [0.3], 10.0, [1.0], [1.2]), _run(32, [0.3], 20.0, [1.0], [1.5]),
             _run(128, [0.3], 40.0, [1.0], [1.9])]
@@ -152,19 +169,27 @@ def _noise(b_simple: float | None) -> NoiseScale:
                       big_batch=32, steps=30, reason="")
 
 
-@pytest.mark.parametrize(("noise", "memory", "batch", "accumulate"), [
-    (40.0, _decision("fallback", 16), 16, 2),  # CPU: the default batch per step, accumulate to the noise scale's 32
-    (40.0, _decision("autobatch", 128, "0"), 32, 1),  # memory allows more than pays: the noise scale's 32
-    (300.0, _decision("autobatch", 64, "0"), 64, 4),  # memory is the limit: accumulate 4 to 256
-    (None, _decision("autobatch", 64, "0"), 64, 1),  # noise above what was measured: what memory allows
+@pytest.mark.parametrize(("noise", "memory", "n_train", "batch"), [
+    (40.0, _decision("fallback", 16), 1000, 16),  # CPU: the default batch (memory not measured)
+    (40.0, _decision("autobatch", 128, "0"), 1000, 32),  # memory allows more than pays: the noise scale's 32
+    (300.0, _decision("autobatch", 64, "0"), 1000, 64),  # the noise scale allows more than fits: memory's 64
+    (None, _decision("autobatch", 64, "0"), 1000, 64),  # noise above what was measured: what memory allows
+    (3000.0, _decision("autobatch", 512, "0"), 100, 64),  # never more than the training images (rounded down)
 ])
-def test_advice_combines_noise_and_memory(noise, memory, batch, accumulate):
+def test_advice_combines_noise_and_memory(noise, memory, n_train, batch):
     sizing = SizingConfig(optimizer="SGD", lr0=0.01, lr_scaling=LrScaling.LINEAR, nominal_batch=64)
-    advice = recommend(_noise(noise), memory, sizing, n_train=1000, nc=3)
-    assert (advice.recommended_batch, advice.accumulate) == (batch, accumulate)
+    advice = recommend(_noise(noise), memory, sizing, n_train=n_train, nc=3)
+    assert (advice.recommended_batch, advice.accumulate, advice.effective_batch) == (batch, 1, batch)
     assert advice.lr0 == pytest.approx(0.01)  # SGD, linear: Ultralytics' summed loss already scales the step
     assert (advice.memory_limit_batch is None) == (memory.source == "fallback")
     assert any("not measured" in r for r in advice.reasons) == (memory.source == "fallback")
+
+
+def test_advice_scales_an_adam_lr0_from_the_nominal_batch():
+    sizing = SizingConfig(optimizer="AdamW", lr0=0.001, lr_scaling=LrScaling.AUTO, nominal_batch=64)
+    advice = recommend(_noise(20.0), _decision("autobatch", 128, "0"), sizing, n_train=1000, nc=3)
+    assert advice.recommended_batch == 16 and advice.lr_rule == "sqrt"
+    assert advice.lr0 == pytest.approx(0.001 * math.sqrt(16 / 64))
 
 
 def test_advise_measures_on_a_copy_and_leaves_the_model_untouched(shapes_yaml):
@@ -274,4 +299,4 @@ def test_sweep_figures_draw_each_batch_from_the_report():
     timed = map_time_figure(report).axes[0].get_lines()
     assert list(timed[1].get_xdata()) == [12.0, 24.0] and list(timed[1].get_ydata()) == [0.1, 0.3]
     gaps = [line for line in gap_figure(report).axes[0].get_lines() if line.get_label().startswith("batch")]
-    assert list(gaps[0].get_ydata()) == pytest.approx([0.5, 0.4])
+    assert list(gaps[0].get_xdata()) == [2.0, 1.0] and list(gaps[0].get_ydata()) == pytest.approx([0.5, 0.4])

@@ -1,9 +1,9 @@
 """``yolo-batch advise``: what batch to train with, from the gradient noise scale and the memory limit together.
 
 Memory (AutoBatch, :func:`estimate_batch`) says what fits; the noise scale (:mod:`.noise_scale`) says what pays:
-batches well beyond ``B_simple`` give diminishing returns per sample. The recommendation takes the noise scale's
-batch (rounded down by the run's rounding), trains at what memory allows of it and accumulates the rest, with lr0
-by the one scaling rule (:func:`.scaling.plan_scaling`). :func:`recommend` is pure; :func:`advise` measures.
+batches well beyond ``B_simple`` give diminishing returns per sample. The recommendation is the smaller of the two
+(see :func:`recommend`, which is pure), with lr0 by the one scaling rule (:func:`.scaling.plan_scaling`);
+:func:`advise` measures.
 """
 
 from __future__ import annotations
@@ -69,35 +69,44 @@ class Advice:
 
 def recommend(noise: NoiseScale, memory: AutoBatchDecision, sizing: SizingConfig, *, n_train: int,
               nc: int) -> Advice:
-    """Combine the noise scale with the memory decision into one batch, accumulation and lr0 (pure)."""
+    """Combine the noise scale with the memory decision into one batch, accumulation and lr0 (pure).
+
+    The batch is the noise scale's (rounded down by the run's rounding) where memory allows it, else what memory
+    allows (on CPU the default batch), never more than the training images. Accumulation stays 1: accumulated
+    batches run one after another, so they add no speed, and in McCandlish et al.'s model the images a run needs grow
+    as ``1 + B / B_noise``; a larger effective batch beyond what one step holds only spends more images per step.
+    """
     world = memory.world_size
     measured = memory.source in MEASURED_SOURCES
     limit = memory.total_batch if measured else None
     memory_reason = (f"memory allows batch {limit} ({memory.source}, {memory.device})" if measured else
                      "memory limit not measured: " + "; ".join(memory.reasons))
-    cap = limit if limit is not None else memory.total_batch  # CPU: the default batch caps one step
+    holds = "memory allows" if measured else "the default batch is"
+    cap = min(limit if limit is not None else memory.total_batch, round_batch(n_train, sizing.rounding))
     if noise.b_simple is None:
-        target = cap
-        allows = "memory allows" if measured else "one step takes"
-        why = (f"the noise scale is above what {noise.steps} steps at batch {noise.big_batch} resolve: larger "
-               f"batches still pay per sample, so the batch is what {allows}")
+        target, why = cap, (f"the noise scale is above what {noise.steps} steps at batch {noise.big_batch} resolve: "
+                            f"batches up to what {holds} ({cap}) still pay per image")
     else:
-        target = max(round_batch(max(math.floor(noise.b_simple), 1), sizing.rounding), world)
-        why = (f"the noise scale says batches beyond about {noise.b_simple:.0f} give diminishing returns per sample: "
-               f"effective batch {target} ({sizing.rounding.value} rounding)")
-    per_step = max(min(target, cap) // world * world, world)
+        wanted = round_batch(max(math.floor(noise.b_simple), 1), sizing.rounding)
+        target = min(wanted, cap)
+        why = (f"the noise scale says batches beyond about {noise.b_simple:.0f} give diminishing returns per image "
+               f"({wanted} after {sizing.rounding.value} rounding)")
+    per_step = max(target // world * world, world)
     scale = plan_scaling(batch=per_step // world, world_size=world, nominal_batch=sizing.nominal_batch,
                          optimizer=sizing.optimizer, lr0=sizing.lr0, momentum=sizing.momentum,
-                         rule=sizing.lr_scaling, n_train=n_train, epochs=sizing.epochs, nc=nc, accumulate_to=target)
+                         rule=sizing.lr_scaling, n_train=n_train, epochs=sizing.epochs, nc=nc, accumulate_to=per_step)
     reasons = [memory_reason, why]
-    if per_step < target:
-        reasons.append(f"batch {per_step} per step (what {'memory allows' if measured else 'the default batch is'}), "
-                       f"accumulating {scale.accumulate} steps to {scale.effective_batch}")
-    elif limit is not None and limit > target:
-        reasons.append(f"memory would allow {limit}, but the samples beyond {target} would buy little")
+    if noise.b_simple is None or noise.b_simple >= cap:
+        capped = " (capped at the training images)" if cap < (limit or memory.total_batch) else ""
+        reasons.append(f"batch {per_step}: what {holds}{capped}; accumulation 1: accumulated batches run one after "
+                       "another and add no speed, and a larger effective batch would spend more images for the same "
+                       "progress")
+    else:
+        reasons.append(f"batch {per_step}: the noise scale's; {holds} {limit or memory.total_batch}, but the images "
+                       f"beyond {per_step} per step would buy little; accumulation 1")
     reasons.extend(scale.reasons)
-    reasons.append("measured at the model's current weights: the noise scale grows as the loss falls "
-                   "(train --log-noise-scale follows it per epoch)")
+    reasons.append("measured at the model's current weights; it changes as training goes on (McCandlish et al. saw "
+                   "it grow as the loss falls; train --log-noise-scale follows it per epoch)")
     return Advice(noise_scale=noise, memory_limit_batch=limit, memory_reason=memory_reason,
                   recommended_batch=per_step, accumulate=scale.accumulate, effective_batch=scale.effective_batch,
                   lr0=scale.lr0_after, lr0_before=scale.lr0_before, lr_rule=scale.lr_rule,

@@ -112,14 +112,11 @@ def run_sweep(config: SweepConfig, *, train_fn: TrainFn | None = None, progress:
         progress.note(f"sweep: {len(done)} run(s) already finished in {config.out}: batch "
                       f"{', '.join(map(str, sorted(done)))}")
     runs = dict(done)
-    with tracked(progress, "sweep", total=len(batches) * config.sizing.epochs, unit="epoch") as task:
-        finished = len(done) * config.sizing.epochs
-        task.update(finished)
-        for batch in batches:
-            if batch in runs:
-                continue
+    todo = [b for b in batches if b not in done]
+    with tracked(progress, "sweep", total=len(todo) * config.sizing.epochs, unit="epoch") as task:
+        for index, batch in enumerate(todo):
+            finished = index * config.sizing.epochs
             runs[batch] = train_one(config, batch, runs_dir, settings, train_fn, task, finished, progress)
-            finished += config.sizing.epochs
             report = build_report(tuple(runs[b] for b in sorted(runs)), why, settings)
             write_outputs(report, config.out)  # partial results are readable while the sweep goes on
     report = build_report(tuple(runs[b] for b in sorted(runs)), why, settings)

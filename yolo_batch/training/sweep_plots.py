@@ -2,7 +2,8 @@
 
 * ``sweep_losses.png``: training (solid) and validation (dashed) loss per epoch, one colour per batch;
 * ``sweep_map_time.png``: mAP50-95 against wall-clock time, one line per batch (what each batch buys per second);
-* ``sweep_gap.png``: the generalisation gap (validation minus training loss) per epoch for each batch.
+* ``sweep_gap.png``: the generalisation gap (validation minus training loss) against the training loss for each
+  batch, with each run's gap at the training loss every run reached (:func:`equal_loss_gaps`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from yolo_batch.core.figures import new_figure, save_figure
-from yolo_batch.training.sweep_report import SweepReport
+from yolo_batch.training.sweep_report import SweepReport, equal_loss_gaps
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -58,15 +59,23 @@ def map_time_figure(report: SweepReport) -> Figure:
 
 
 def gap_figure(report: SweepReport) -> Figure:
-    """Validation minus training loss per epoch, one line per batch."""
+    """Validation minus training loss against the training loss (training proceeds to the right), one line per
+    batch, with the level every run reached: runs are compared at equal training loss, not at equal epochs."""
     figure = new_figure(7.0, 4.2)
     axis = figure.add_subplot()
     for i, run in enumerate(report.runs):
-        points = [(e.epoch, e.gap) for e in run.epochs if e.gap is not None]
+        points = [(e.train_loss, e.gap) for e in run.epochs if e.gap is not None]
         if points:
-            axis.plot(*zip(*points), "-o", color=_colour(i), label=f"batch {run.batch}")
+            axis.plot(*zip(*points), "-o", color=_colour(i), markersize=3, label=f"batch {run.batch}")
+    level, gaps = equal_loss_gaps(report.runs)
+    if level is not None:
+        axis.axvline(level, color="gray", linestyle=":", label=f"equal training loss {level:.2f}")
+        for batch, _, gap, _ in gaps:
+            index = next(i for i, r in enumerate(report.runs) if r.batch == batch)
+            axis.plot([level], [gap], "D", color=_colour(index), markersize=7)
     axis.axhline(0.0, color="black", linewidth=0.8)
-    axis.set_xlabel("epoch")
+    axis.invert_xaxis()
+    axis.set_xlabel("training loss (box + cls + dfl): training proceeds to the right")
     axis.set_ylabel("val loss - train loss")
     title = "Generalisation gap per batch" + (" (widening with the batch)" if report.gap_widening else "")
     axis.set_title(title, fontsize=10)

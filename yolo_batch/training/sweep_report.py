@@ -2,10 +2,11 @@
 
 The recommendation: among the runs whose best mAP50-95 is within :data:`MAP_TOLERANCE` of the best run's, the one
 that trains fastest (images/s over the training phases); one sentence says why. The generalisation gap is the
-validation loss minus the training loss at the last epoch (Ultralytics' training loss is measured on augmented
-images, so it can sit above the validation loss early in training); it is flagged as widening when it grows with
-the batch from the smallest batch to the largest by more than :data:`GAP_WIDENING` of the smallest batch's
-validation loss.
+validation loss minus the training loss (Ultralytics' training loss is measured on augmented images, so it can
+sit above the validation loss). Runs are compared at equal training loss, not at the last epoch: with the same
+epochs a larger batch takes fewer steps and ends at an earlier stage of training, where the validation loss still
+lags (:func:`equal_loss_gaps`). The gap is flagged as widening when, so compared, it grows with the batch from the
+smallest batch to the largest by more than :data:`GAP_WIDENING` of the smallest batch's validation loss.
 """
 
 from __future__ import annotations
@@ -164,28 +165,54 @@ def recommend(runs: Sequence[SweepRun]) -> tuple[int | None, str]:
     chosen = max(close, key=lambda r: r.images_per_s or 0.0)
     slowest = min(scored, key=lambda r: r.images_per_s or 0.0)
     speed = (chosen.images_per_s or 0.0) / (slowest.images_per_s or 1.0)
-    pace = (f"{speed:.1f}x the speed of {slowest.batch}" if chosen is not slowest else
-            f"the fastest of {len(scored)}" if len(scored) == 1 else "the slowest run, but the others lose mAP")
+    faster = [r for r in scored if (r.images_per_s or 0.0) > (chosen.images_per_s or 0.0)]
+    if chosen is not slowest:
+        pace = f"at {speed:.1f}x the speed of {slowest.batch}"
+    elif faster:
+        losses = ", ".join(f"{r.batch}: -{(top - (r.best_map50_95 or 0.0)) * 100:.1f}" for r in faster)
+        pace = f"and every faster batch loses more than {MAP_TOLERANCE * 100:.1f} mAP points ({losses})"
+    else:
+        pace = "and the fastest"
     if chosen is best:
-        return chosen.batch, (f"{chosen.batch}: the best mAP50-95 ({top:.3f}) at {pace}")
+        return chosen.batch, f"{chosen.batch}: the best mAP50-95 ({top:.3f}) {pace}"
     behind = (top - (chosen.best_map50_95 or 0.0)) * 100
-    return chosen.batch, (f"{chosen.batch}: within {behind:.1f} mAP points of the best ({best.batch}, {top:.3f}) "
-                          f"at {pace}")
+    return chosen.batch, f"{chosen.batch}: within {behind:.1f} mAP points of the best ({best.batch}, {top:.3f}) {pace}"
+
+
+def equal_loss_gaps(runs: Sequence[SweepRun]) -> tuple[float | None, list[tuple[int, int, float, float | None]]]:
+    """Each run's gap at the first epoch its training loss reached the level every run reached (the least-trained
+    run's final training loss): (level, [(batch, epoch, gap, val loss)]).
+
+    At a fixed number of epochs a larger batch takes fewer steps, so at the last epoch it is at an earlier stage of
+    training, where the validation loss still lags; comparing at equal training loss takes that out.
+    """
+    done = [r for r in runs if r.epochs and any(e.gap is not None for e in r.epochs)]
+    if not done:
+        return None, []
+    level = max(r.epochs[-1].train_loss for r in done)
+    out = []
+    for run in done:
+        epoch = next(e for e in run.epochs if e.train_loss <= level or e is run.epochs[-1])
+        if epoch.gap is not None:
+            out.append((run.batch, epoch.epoch, epoch.gap, epoch.val_loss))
+    return level, out
 
 
 def gap_trend(runs: Sequence[SweepRun]) -> tuple[bool, str]:
-    """Whether the final generalisation gap widens with the batch, and a sentence on it."""
-    gaps = [(r.batch, r.final_gap, r.epochs[-1].val_loss) for r in runs if r.final_gap is not None and r.epochs]
-    if len(gaps) < 2:
+    """Whether the generalisation gap, compared at equal training loss, widens with the batch; a sentence on it."""
+    level, gaps = equal_loss_gaps(runs)
+    final = ", ".join(f"{r.batch}: {r.final_gap:+.3f}" for r in runs if r.final_gap is not None)
+    if level is None or len(gaps) < 2:
         return False, "gap: too few runs with a validation loss to compare"
-    listing = ", ".join(f"{b}: {g:+.3f}" for b, g, _ in gaps)
-    (_, first, val), (_, last, _) = gaps[0], gaps[-1]
-    rising = all(b[1] >= a[1] for a, b in itertools.pairwise(gaps))
-    threshold = GAP_WIDENING * abs(val or 1.0)
+    listing = ", ".join(f"{b}: {g:+.3f} (epoch {e})" for b, e, g, _ in gaps)
+    first, last = gaps[0][2], gaps[-1][2]
+    rising = all(b[2] >= a[2] for a, b in itertools.pairwise(gaps))
+    threshold = GAP_WIDENING * abs(gaps[0][3] or 1.0)
+    measured = f"gap (val - train loss) at equal training loss {level:.3f}: {listing}; at the last epoch: {final}"
     if rising and last - first > threshold:
-        return True, (f"WARNING: the generalisation gap (val - train loss) widens with the batch ({listing}): the "
-                      f"large batches fit the training data better than they generalise")
-    return False, f"gap (val - train loss, last epoch) by batch: {listing}; not widening with the batch"
+        return True, (f"WARNING: the generalisation gap widens with the batch: the large batches fit the training "
+                      f"data better than they generalise; {measured}")
+    return False, f"the generalisation gap does not widen with the batch; {measured}"
 
 
 def _fmt(value: float | None, spec: str) -> str:
