@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from yolo_batch import ultralytics_adapter
 from yolo_batch.cli import main
 from yolo_batch.errors import InputError
 from yolo_batch.training.advise import recommend
-from yolo_batch.training.config import LrScaling, SizingConfig
+from yolo_batch.training.config import LrScaling, SizingConfig, TrainConfig
 from yolo_batch.training.decision import AutoBatchDecision
 from yolo_batch.training.noise_scale import NoiseScale
 from yolo_batch.training.sweep import SweepConfig, auto_batches, parse_batches, run_sweep
@@ -50,8 +51,8 @@ class CountingTrain:
 @pytest.mark.slow
 def test_sweep_trains_each_batch_unaccumulated_records_epochs_and_resumes(shapes_yaml, tmp_path):
     out = tmp_path / "sweep"
-    config = SweepConfig(sizing=SizingConfig(data=shapes_yaml, **TINY_SIZING), batches=(2, 4), out=out,
-                         extra=TINY_EXTRA)
+    config = SweepConfig(TrainConfig(sizing=SizingConfig(data=shapes_yaml, **TINY_SIZING), extra=TINY_EXTRA),
+                         batches=(2, 4), out=out)
     counting = CountingTrain()
     report = run_sweep(config, train_fn=counting)
     assert counting.batches == [2, 4]
@@ -89,7 +90,7 @@ def test_a_sweep_folder_from_other_settings_is_refused(shapes_yaml, tmp_path):
     out = tmp_path / "sweep"
     (out / "runs").mkdir(parents=True)
     (out / "runs" / "batch2.json").write_text(json.dumps({"settings": {"imgsz": 640}, "run": {}}))
-    config = SweepConfig(sizing=SizingConfig(data=shapes_yaml, **TINY_SIZING), batches=(2, 4), out=out)
+    config = SweepConfig(TrainConfig(sizing=SizingConfig(data=shapes_yaml, **TINY_SIZING)), batches=(2, 4), out=out)
     with pytest.raises(InputError, match=r"other settings .*imgsz"):
         run_sweep(config, train_fn=CountingTrain(fail=True))
 
@@ -245,7 +246,7 @@ def test_train_log_noise_scale_writes_one_value_per_epoch(shapes_yaml, tmp_path)
 def test_auto_schedule_grows_when_the_measured_noise_scale_passes_the_batch(shapes_yaml, tmp_path, monkeypatch):
     from trainer_spy import TrainerSpy
 
-    from yolo_batch import TrainConfig, train
+    from yolo_batch import train
     from yolo_batch.training.noise_scale import NoiseSettings
     from yolo_batch.training.schedule import ScheduleRequest
 
@@ -300,3 +301,46 @@ def test_sweep_figures_draw_each_batch_from_the_report():
     assert list(timed[1].get_xdata()) == [12.0, 24.0] and list(timed[1].get_ydata()) == [0.1, 0.3]
     gaps = [line for line in gap_figure(report).axes[0].get_lines() if line.get_label().startswith("batch")]
     assert list(gaps[0].get_xdata()) == [2.0, 1.0] and list(gaps[0].get_ydata()) == pytest.approx([0.5, 0.4])
+
+
+class RecordedTrain:
+    """A train function that writes what the epoch meter would (one row per epoch) without training: for the
+    sweep's own plumbing (auto batches, report), not for what training measures."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def __call__(self, config, **kwargs):
+        from types import SimpleNamespace
+
+        batch = config.sizing.batch.fixed
+        self.batches.append(batch)
+        save_dir = Path(config.project) / config.name
+        save_dir.mkdir(parents=True)
+        rows = [{"epoch": 1, "train_loss": 2.0, "val_loss": 2.5, "map50": 0.5, "map50_95": 0.3 - batch / 100_000,
+                 "images_per_s": 10.0 * batch ** 0.5, "train_s": 5.0, "wall_s": 6.0}]
+        (save_dir / "epochs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        decision = SimpleNamespace(effective_batch=batch, accumulate=1, lr0_after=0.01, lr_rule="linear",
+                                   lr_optimizer="SGD", optimizer="SGD", reasons=())
+        return SimpleNamespace(decision=decision, save_dir=save_dir)
+
+
+def test_auto_sweeps_a_small_a_middle_and_the_memory_limit(tmp_path, shapes_yaml):
+    recorded = RecordedTrain()
+    config = SweepConfig(TrainConfig(sizing=SizingConfig(data=shapes_yaml, **TINY_SIZING)), out=tmp_path / "s")
+    report = run_sweep(config, train_fn=recorded, limit_fn=lambda sizing: 128)
+    assert recorded.batches == [8, 32, 128]
+    assert report.batches_reason == "auto: small 8, middle 32 and the AutoBatch limit 128"
+    assert report.recommended_batch == 128  # within half a point of the best, and the fastest
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["recommended_batch"] == 128
+
+
+def test_on_cpu_memory_gives_no_limit_so_auto_is_8_16_32(shapes_yaml):
+    from yolo_batch.training.sweep import memory_limit
+
+    assert memory_limit(SizingConfig(data=shapes_yaml, imgsz=64, device="cpu")) is None
+
+
+def test_advise_refuses_a_fixed_batch_before_measuring():
+    result = run_cli("advise", "--batch", "16", "--device", "cpu")
+    assert result.exit_code == 2 and "advise decides the batch" in result.output

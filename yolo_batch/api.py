@@ -251,7 +251,7 @@ def sweep(
     parsed = parse_batches(text)
     base = build_train_config(model=model, data=data, profile=profile, imgsz=imgsz, device=device, epochs=epochs,
                               nominal_batch=nominal_batch, lr_scaling=lr_scaling, extra=extra)
-    config = SweepConfig(sizing=base.sizing, batches=parsed, out=Path(out), seed=seed, extra=base.extra)
+    config = SweepConfig(base=base, batches=parsed, out=Path(out), seed=seed)
     return run_sweep(config, progress=_reporter(progress))
 
 

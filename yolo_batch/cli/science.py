@@ -64,7 +64,7 @@ def sweep(batches: str, epochs: int, seed: int, out: Path, quiet: bool, **opts: 
 
     parsed = parse_batches(batches)
     base = _config(opts, epochs)
-    config = SweepConfig(sizing=base.sizing, batches=parsed, out=out, seed=seed, extra=base.extra)
+    config = SweepConfig(base=base, batches=parsed, out=out, seed=seed)
     with quiet_ultralytics() if quiet else contextlib.nullcontext():
         report = run_sweep(config, progress=reporter_for(quiet))
     if not quiet:

@@ -16,9 +16,8 @@ import dataclasses
 import logging
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from yolo_batch.core.files import write_json
@@ -55,25 +54,31 @@ def parse_batches(text: str) -> tuple[int, ...] | None:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """A sweep: the shared training settings, the batches (None: auto) and where results go."""
+    """A sweep: the training every run shares (``base``: a ``train`` config, its batch unset), the batches (None:
+    auto) and where results go."""
 
-    sizing: SizingConfig
+    base: TrainConfig
     batches: tuple[int, ...] | None = None
     out: Path = Path("runs/sweep")
     seed: int = 0
-    extra: Mapping[str, Any] = field(default_factory=dict)  # Ultralytics train arguments shared by every run
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
-        if self.sizing.batch.fixed is not None:
+        if self.base.sizing.batch.fixed is not None:
             raise InputError("a sweep sets the batch of each run: give --batches, not --batch")
+        if self.base.batch_schedule is not None:
+            raise InputError("a sweep trains each run at one batch: drop --batch-schedule")
+
+    @property
+    def sizing(self) -> SizingConfig:
+        return self.base.sizing
 
     def settings(self, data: Path) -> dict[str, Any]:
         """What must match for a recorded run to count as part of this sweep."""
-        s = self.sizing
+        s, base = self.sizing, self.base
         return {"model": s.model, "data": str(data), "imgsz": s.imgsz, "epochs": s.epochs, "device": s.device,
                 "seed": self.seed, "nominal_batch": s.nominal_batch, "lr_scaling": s.lr_scaling.value,
-                "optimizer": s.optimizer, "lr0": s.lr0, "extra": dict(self.extra)}
+                "optimizer": s.optimizer, "lr0": s.lr0, "extra": dict(base.extra), "rect": base.rect,
+                "image_window": list(base.image_window) if base.image_window else None}
 
 
 def auto_batches(limit: int | None) -> tuple[tuple[int, ...], str]:
@@ -101,7 +106,8 @@ def run_sweep(config: SweepConfig, *, train_fn: TrainFn | None = None, progress:
     from yolo_batch.training.sweep_plots import save_sweep_plots
 
     data = resolve_data(config.sizing.data)
-    config = dataclasses.replace(config, sizing=dataclasses.replace(config.sizing, data=data))
+    config = dataclasses.replace(config, base=dataclasses.replace(
+        config.base, sizing=dataclasses.replace(config.sizing, data=data)))
     settings = config.settings(data)
     batches, why = (config.batches, "batches given") if config.batches else auto_batches(
         (limit_fn or memory_limit)(config.sizing))
@@ -137,8 +143,9 @@ def train_one(config: SweepConfig, batch: int, runs_dir: Path, settings: Mapping
     name = f"batch{batch}"
     shutil.rmtree(runs_dir / name, ignore_errors=True)  # an unfinished earlier attempt starts over
     sizing = dataclasses.replace(config.sizing, batch=BatchRequest(fixed=batch), accumulate_to=batch)
-    extra = {"seed": config.seed, "exist_ok": True, **config.extra}
-    run_config = TrainConfig(sizing=sizing, project=str(runs_dir.resolve()), name=name, extra=extra)
+    extra = {"seed": config.seed, "exist_ok": True, **config.base.extra}
+    run_config = dataclasses.replace(config.base, sizing=sizing, project=str(runs_dir.resolve()), name=name,
+                                     extra=extra)
     meter = EpochMeter(on_epoch=lambda row: task.update(finished + int(row["epoch"])))
     result = train_fn(run_config, callbacks=meter.callbacks(), progress=progress)
     decision = result.decision
