@@ -22,9 +22,9 @@ relative to the nominal batch at each change (:mod:`yolo_batch.training.batch_ch
   (:data:`yolo_batch.training.batchnorm.MIN_RELIABLE_BATCH`).
 
 The seam for a trigger other than epochs: the trainer asks a :class:`BatchSchedule` for ``batch_at(epoch)`` at every
-epoch boundary and changes the batch when the answer differs from the phase it trains at. A schedule driven by the
-measured gradient noise scale (grow when B_simple passes the current batch) is another implementation of that
-protocol, answering from the estimate of the epoch that ended; nothing else changes.
+epoch boundary and changes the batch when the answer differs from the phase it trains at. :class:`NoiseSchedule`
+(``auto`` with ``--log-noise-scale``: grow when the measured B_simple passes the current batch) is another
+implementation of that protocol, answering from the estimate of the epoch that ended; nothing else changes.
 """
 
 from __future__ import annotations
