@@ -16,8 +16,9 @@ from yolo_batch.errors import InputError
 from yolo_batch.training.config import BatchRequest
 
 PUBLIC = ["AutoBatchDecision", "BatchRequest", "Detections", "InferConfig", "InferenceSummary", "InputError",
-          "Rounding", "SizingConfig", "TrainConfig", "TrainResult", "YoloBatchError", "__version__", "autobatch",
-          "estimate_batch", "infer", "iter_detections", "save_autobatch_plot", "save_throughput_plot", "train"]
+          "Rounding", "SizingConfig", "TrainConfig", "TrainResult", "YoloBatchError", "__version__", "advise",
+          "autobatch", "estimate_batch", "infer", "iter_detections", "save_autobatch_plot", "save_throughput_plot",
+          "sweep", "train"]
 
 
 def test_all_is_stable_and_every_name_resolves():
@@ -38,7 +39,8 @@ def test_every_public_function_is_typed():
 
 
 def test_entries_document_themselves_with_an_example():
-    for entry in (yolo_batch.train, yolo_batch.autobatch, yolo_batch.infer, yolo_batch.iter_detections):
+    for entry in (yolo_batch.train, yolo_batch.autobatch, yolo_batch.infer, yolo_batch.iter_detections,
+                  yolo_batch.sweep, yolo_batch.advise):
         assert "Example::" in (entry.__doc__ or ""), entry.__name__
 
 

@@ -7,6 +7,8 @@ One function per command, keyword arguments named as its options::
     result = yolo_batch.train(data="bccd/data.yaml", epochs=50)          # AutoBatch, then Ultralytics training
     decision = yolo_batch.autobatch(data="bccd/data.yaml", batch=0.8)    # the batch decision only
     summary = yolo_batch.infer("images/", model=result.weights, out="out", batch="auto")
+    report = yolo_batch.sweep(data="bccd/data.yaml", batches="8,16,32", epochs=3)   # batch sizes compared
+    advice = yolo_batch.advise(data="bccd/data.yaml")                               # the gradient noise scale
     for detections in yolo_batch.iter_detections("images/", model=result.weights):
         print(detections.path, detections.xyxy, detections.confidence, detections.class_id)
 
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING
 from yolo_batch.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from yolo_batch.api import autobatch, infer, iter_detections, train
+    from yolo_batch.api import advise, autobatch, infer, iter_detections, sweep, train
     from yolo_batch.errors import InputError, YoloBatchError
     from yolo_batch.inference.config import InferConfig
     from yolo_batch.inference.detections import Detections
@@ -52,12 +54,14 @@ __all__ = [
     "TrainResult",
     "YoloBatchError",
     "__version__",
+    "advise",
     "autobatch",
     "estimate_batch",
     "infer",
     "iter_detections",
     "save_autobatch_plot",
     "save_throughput_plot",
+    "sweep",
     "train",
 ]
 

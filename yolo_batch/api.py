@@ -10,6 +10,8 @@ construction) and calls the same library function, so a script and ``yolo-batch`
     summary = yolo_batch.infer("images/", model=result.weights, out="out", batch="auto")   # yolo-batch infer
     for detections in yolo_batch.iter_detections("images/", model=result.weights):        # results as values
         print(detections.path, detections.xyxy, detections.class_id)
+    report = yolo_batch.sweep(data="bccd/data.yaml", batches="8,16,32", epochs=3)   # yolo-batch sweep
+    advice = yolo_batch.advise(data="bccd/data.yaml")                               # yolo-batch advise
 
 Nothing here prints unless asked: ``progress=True`` reports long steps on stderr as the commands do.
 """
@@ -30,8 +32,10 @@ if TYPE_CHECKING:
     from yolo_batch.inference.config import InferConfig
     from yolo_batch.inference.detections import Detections
     from yolo_batch.inference.summary import InferenceSummary
+    from yolo_batch.training.advise import Advice
     from yolo_batch.training.decision import AutoBatchDecision
     from yolo_batch.training.run import TrainResult
+    from yolo_batch.training.sweep_report import SweepReport
 
 Source = str | Path
 Sources = Source | Sequence[Source]
@@ -220,6 +224,62 @@ def iter_detections(source: Sources, *, model: str | Path = DEFAULT_MODEL, profi
         settings["out"] = out
     config = build_infer_config(source, model=model, profile=profile, batch=batch, **settings)
     return iter_inference(config, write_files=out is not None)
+
+
+def sweep(
+    *, model: str | Path = DEFAULT_MODEL, data: str | Path | None = None, batches: str | Sequence[int] = "auto",
+    epochs: int = 10, profile: str | Path | None = None, imgsz: int | None = None, device: str | int | None = None,
+    nominal_batch: int | None = None, lr_scaling: str | None = None, seed: int = 0, out: str | Path = "runs/sweep",
+    extra: Mapping[str, Any] | None = None, progress: bool | Reporter = False,
+) -> SweepReport:
+    """Train the same run at several batches and compare them: ``yolo-batch sweep`` as a function.
+
+    ``batches``: ``"auto"``, ``"8,32,128"`` or a sequence of ints. Resumable: a second call with the same ``out``
+    trains only the runs that did not finish.
+
+    Example::
+
+        report = yolo_batch.sweep(data="bccd/data.yaml", batches=[8, 16, 32], epochs=3, imgsz=160, device="cpu")
+        print(report.recommendation, report.gap_note)
+
+    Raises:
+        InputError: a bad batch list or option, or an ``out`` holding runs made under other settings.
+    """
+    from yolo_batch.training.sweep import SweepConfig, parse_batches, run_sweep
+
+    text = batches if isinstance(batches, str) else ",".join(str(b) for b in batches)
+    parsed = parse_batches(text)
+    base = build_train_config(model=model, data=data, profile=profile, imgsz=imgsz, device=device, epochs=epochs,
+                              nominal_batch=nominal_batch, lr_scaling=lr_scaling, extra=extra)
+    config = SweepConfig(base=base, batches=parsed, out=Path(out), seed=seed)
+    return run_sweep(config, progress=_reporter(progress))
+
+
+def advise(
+    *, model: str | Path = DEFAULT_MODEL, data: str | Path | None = None, profile: str | Path | None = None,
+    imgsz: int | None = None, device: str | int | None = None, batch: float | str | None = None, epochs: int = 100,
+    nominal_batch: int | None = None, lr_scaling: str | None = None, small_batch: int = 4, chunks: int = 8,
+    steps: int = 30, extra: Mapping[str, Any] | None = None, progress: bool | Reporter = False,
+) -> Advice:
+    """Batch, accumulation and lr0 from the gradient noise scale and the memory limit: ``yolo-batch advise``.
+
+    The model is only read (gradients are taken on a copy). ``batch``: -1 or a memory fraction for the limit.
+
+    Example::
+
+        advice = yolo_batch.advise(data="bccd/data.yaml", model="runs/detect/train/weights/last.pt", imgsz=640)
+        print(advice.noise_scale.b_simple, advice.noise_scale.ci95, advice.summary())
+
+    Raises:
+        InputError: a bad model, data, device or setting, or too few training images for one step.
+    """
+    from yolo_batch.training.advise import advise as run_advise
+    from yolo_batch.training.noise_scale import NoiseSettings
+
+    config = build_train_config(model=model, data=data, profile=profile, imgsz=imgsz, device=device, batch=batch,
+                                epochs=epochs, nominal_batch=nominal_batch, lr_scaling=lr_scaling, extra=extra)
+    noise = NoiseSettings(small_batch=small_batch, chunks=chunks, steps=steps)
+    return run_advise(config.sizing, noise, progress=_reporter(progress))
 
 
 def _batch_request(batch: float | str | None) -> BatchRequest:

@@ -12,7 +12,9 @@ from yolo_batch.training.decision import AutoBatchDecision
 
 if TYPE_CHECKING:
     from yolo_batch.profiles import Profile
+    from yolo_batch.training.advise import Advice
     from yolo_batch.training.run import TrainResult
+    from yolo_batch.training.sweep_report import SweepReport
 
 
 def decision_table(decision: AutoBatchDecision) -> Group:
@@ -71,3 +73,22 @@ def print_train_result(result: TrainResult, console: Console | None = None) -> N
     console = console or Console(highlight=False)
     for line in train_result_lines(result):
         console.print(line, markup=False, soft_wrap=True)
+
+
+def print_sweep(report: SweepReport, console: Console | None = None) -> None:
+    """One row per run of a sweep (stderr keeps stdout for the closing lines)."""
+    table = Table(title=f"Sweep ({report.batches_reason})", title_justify="left")
+    for column in ("batch", "optimizer lr0", "best mAP50-95", "img/s", "wall s", "gap (last)", "peak memory"):
+        table.add_column(column, justify="right")
+    for row in report.rows():
+        table.add_row(*row)
+    (console or Console(stderr=True)).print(table)
+
+
+def print_advice(advice: Advice, console: Console | None = None) -> None:
+    table = Table(title="Batch advice", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for name, value in advice.rows():
+        table.add_row(name, value)
+    (console or Console(stderr=True)).print(table)

@@ -1,7 +1,7 @@
 """The ``yolo-batch`` command: parse, build a typed config, make one library call, render.
 
-One module per product part (:mod:`.train`, :mod:`.infer`, :mod:`.serve`, :mod:`.catalog`); :mod:`.common` maps
-library errors to one line and an exit code. Nothing heavy is imported until a command runs.
+One module per product part (:mod:`.train`, :mod:`.infer`, :mod:`.serve`, :mod:`.science`, :mod:`.catalog`);
+:mod:`.common` maps library errors to one line and an exit code. Nothing heavy is imported until a command runs.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from yolo_batch import __version__
-from yolo_batch.cli import catalog, infer, serve, train
+from yolo_batch.cli import catalog, infer, science, serve, train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,7 +24,7 @@ def bench() -> None:
 
 
 for _command in (train.train, train.autobatch, train.demo, catalog.datasets, catalog.profiles, infer.infer,
-                 serve.serve):
+                 serve.serve, science.sweep, science.advise):
     main.add_command(_command)
 for _name, _command in (("autobatch", train.bench_autobatch), ("infer", infer.bench_infer),
                         ("serve", serve.bench_serve), ("accuracy", infer.bench_accuracy)):

@@ -26,6 +26,7 @@ from yolo_batch.core.models import DEFAULT_MODEL
 from yolo_batch.errors import InputError
 
 if TYPE_CHECKING:
+    from yolo_batch.training.noise_scale import NoiseSettings
     from yolo_batch.training.schedule import ScheduleRequest
 
 # Ultralytics train arguments yolo-batch sets itself, and where the user sets them instead of passing them through.
@@ -155,6 +156,7 @@ class TrainConfig:
     rect: bool | None = False  # rectangular batches; None: where the training images are not square (rect: auto)
     batch_schedule: ScheduleRequest | None = None  # --batch-schedule; None: one batch for the whole run
     oom_recovery: bool = True  # step the batch down on a device OOM during training (--no-oom-recovery: stop)
+    log_noise_scale: NoiseSettings | None = None  # --log-noise-scale: measured after every epoch (noise_scale.json)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))

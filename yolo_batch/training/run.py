@@ -28,7 +28,7 @@ from yolo_batch.training.data import DatasetInfo, inspect_dataset, resolve_data
 from yolo_batch.training.decision import AutoBatchDecision
 from yolo_batch.training.drills import injection_from_environment
 from yolo_batch.training.run_record import DECISION_FILE, RecordWriter, RunRecord
-from yolo_batch.training.schedule import EpochSchedule, resolve_schedule
+from yolo_batch.training.schedule import EpochSchedule, NoiseSchedule, resolve_schedule
 from yolo_batch.training.settings import MEMORY_ARGS
 from yolo_batch.ultralytics_adapter.trainer_control import BatchControl
 
@@ -166,9 +166,7 @@ def train(
         rules_for(decision, config.sizing), accumulate=decision.accumulate, lr0=decision.lr0_after,
         bn_policy=decision.bn_policy or BnPolicy.TRAIN.value, recovery=config.oom_recovery, schedule=schedule,
         drills=drills, record=writer)
-    ours: list[ultralytics_adapter.TrainerCallback] = [("on_pretrain_routine_end", DecisionPlot(decision))]
-    if decision.bn_policy is not None:
-        ours += [(c.event, c) for c in batchnorm.callbacks_for(BnPolicy(decision.bn_policy))]
+    ours = _our_callbacks(config, decision, schedule)
     try:
         trainer = ultralytics_adapter.train(model, ultralytics_overrides(config, decision, info.training_yaml or data),
                                             callbacks=[*ours, *callbacks], image_window=config.image_window,
@@ -192,6 +190,22 @@ def train(
                        decision_plot=plot if plot.exists() else None)
 
 
+def _our_callbacks(config: TrainConfig, decision: AutoBatchDecision,
+                   schedule: EpochSchedule | NoiseSchedule | None) -> list[ultralytics_adapter.TrainerCallback]:
+    """The plot before epoch 1, the BatchNorm policy's callbacks and the noise-scale log (which feeds a
+    noise-triggered schedule)."""
+    ours: list[ultralytics_adapter.TrainerCallback] = [("on_pretrain_routine_end", DecisionPlot(decision))]
+    if decision.bn_policy is not None:
+        ours += [(c.event, c) for c in batchnorm.callbacks_for(BnPolicy(decision.bn_policy))]
+    if config.log_noise_scale is not None:
+        from yolo_batch.ultralytics_adapter.noise_log import NoiseScaleLog
+
+        observe = schedule.observe if isinstance(schedule, NoiseSchedule) else None
+        log_noise = NoiseScaleLog(config.log_noise_scale, on_estimate=observe)
+        ours.append((log_noise.event, log_noise))
+    return ours
+
+
 class DecisionPlot:
     """A trainer callback (before epoch 1) that draws ``autobatch.png`` into the run folder when GPU memory was
     measured (:mod:`.plots`)."""
@@ -207,9 +221,10 @@ class DecisionPlot:
 
 def _start(config: TrainConfig, data: Path, info: DatasetInfo, model: Any, backend: GpuBackend | None,
            nvml: ModuleType | None, progress: Reporter | None = None
-           ) -> tuple[AutoBatchDecision, EpochSchedule | None, AutoBatchDecision | None]:
+           ) -> tuple[AutoBatchDecision, EpochSchedule | NoiseSchedule | None, AutoBatchDecision | None]:
     """The decision training starts with, the resolved schedule, and (``--batch-schedule auto``) the AutoBatch
-    decision whose limit the schedule grows toward."""
+    decision whose limit the schedule grows toward; with ``--log-noise-scale`` too, the auto schedule grows when the
+    measured noise scale passes the batch (:class:`NoiseSchedule`) instead of at fixed fractions."""
     sizing = dataclasses.replace(config.sizing, data=data)
     estimate = functools.partial(estimate_batch, backend=backend, nvml=nvml, model=model, dataset=info,
                                  progress=progress)
@@ -226,8 +241,14 @@ def _start(config: TrainConfig, data: Path, info: DatasetInfo, model: Any, backe
     if schedule is None:
         schedule = resolve_schedule(request, epochs=sizing.epochs, world_size=start.world_size, limit=start.batch,
                                     rounding=sizing.rounding)
-    reasons = tuple(schedule.reason if r == FIXED_REASON else r for r in start.reasons)
-    return dataclasses.replace(start, source="schedule", reasons=reasons), schedule, limit
+    chosen: EpochSchedule | NoiseSchedule = schedule
+    if limit is not None and config.log_noise_scale is not None:
+        if limit.world_size > 1:
+            raise InputError("--batch-schedule auto with --log-noise-scale runs on one device: the noise scale is "
+                             "measured in one process, and every process must agree on the batch")
+        chosen = NoiseSchedule(start=first, limit=max(limit.total_batch, first))
+    reasons = tuple(chosen.reason if r == FIXED_REASON else r for r in start.reasons)
+    return dataclasses.replace(start, source="schedule", reasons=reasons), chosen, limit
 
 
 def rules_for(decision: AutoBatchDecision, sizing: SizingConfig) -> ScalingRules:

@@ -22,9 +22,9 @@ relative to the nominal batch at each change (:mod:`yolo_batch.training.batch_ch
   (:data:`yolo_batch.training.batchnorm.MIN_RELIABLE_BATCH`).
 
 The seam for a trigger other than epochs: the trainer asks a :class:`BatchSchedule` for ``batch_at(epoch)`` at every
-epoch boundary and changes the batch when the answer differs from the phase it trains at. A schedule driven by the
-measured gradient noise scale (grow when B_simple passes the current batch) is another implementation of that
-protocol, answering from the estimate of the epoch that ended; nothing else changes.
+epoch boundary and changes the batch when the answer differs from the phase it trains at. :class:`NoiseSchedule`
+(``auto`` with ``--log-noise-scale``: grow when the measured B_simple passes the current batch) is another
+implementation of that protocol, answering from the estimate of the epoch that ended; nothing else changes.
 """
 
 from __future__ import annotations
@@ -158,3 +158,41 @@ def auto_schedule(limit: int, *, epochs: int, world_size: int, rounding: Roundin
     reason = (f"batch schedule auto: {','.join(map(str, phases))} (AutoBatch limit {limit} per device: {steps} per "
               f"device from 0/25/50 % of {epochs} epochs, at least {floor})")
     return EpochSchedule(tuple(phases), reason)
+
+
+class NoiseSchedule:
+    """``--batch-schedule auto`` with ``--log-noise-scale``: start at the auto schedule's first batch and double (up to
+    the AutoBatch limit) at the first epoch boundary after the measured noise scale passed the batch the run trains
+    at, instead of at fixed fractions of the epochs.
+
+    The noise-scale log tells it each epoch's estimate (:meth:`observe`, after the epoch's validation); the trainer
+    asks :meth:`batch_at` at the next epoch's start. An estimate of ``None`` (the gradient's signal below its noise
+    at the measured batch: the noise scale is larger than the measurement resolves) counts as passed. Single-process
+    runs only: the estimate is measured in one process, and the processes of a multi-GPU run must agree on the batch.
+    """
+
+    def __init__(self, start: int, limit: int) -> None:
+        if not 1 <= start <= limit:
+            raise ValueError(f"start and limit must satisfy 1 <= start <= limit, got {start} and {limit}")
+        self.limit = limit
+        self._phases = [Phase(start, 0)]
+        self._estimates: dict[int, float | None] = {}
+        self.reason = (f"batch schedule auto, noise-triggered: {start} from epoch 0, doubled up to the AutoBatch limit "
+                       f"{limit} at the epoch after the measured gradient noise scale passes the batch")
+
+    @property
+    def phases(self) -> tuple[Phase, ...]:
+        """The phases decided so far (the first one before training starts)."""
+        return tuple(self._phases)
+
+    def observe(self, epoch: int, b_simple: float | None) -> None:
+        """The noise scale measured after ``epoch`` (0-based) ended."""
+        self._estimates[epoch] = b_simple
+
+    def batch_at(self, epoch: int) -> int:
+        current = self._phases[-1]
+        if epoch > current.epoch and current.batch < self.limit and (epoch - 1) in self._estimates:
+            noise = self._estimates[epoch - 1]
+            if noise is None or noise > current.batch:
+                self._phases.append(Phase(min(current.batch * 2, self.limit), epoch))
+        return [p for p in self._phases if p.epoch <= epoch][-1].batch

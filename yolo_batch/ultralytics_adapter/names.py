@@ -92,6 +92,11 @@ DEPENDS_ON: tuple[Dependency, ...] = (
                                                                       "export (imported by name)", private=True),
     Dependency("ultralytics.nn.backends.base.BaseBackend.read_metadata", "names, stride and end2end an export "
                                                                          "recorded", private=True),
+    # Batch-size science (gradients.py, noise_log.py, epoch_meter.py).
+    Dependency("ultralytics.data.build_yolo_dataset", "the training dataset the noise scale draws from (advise)"),
+    Dependency("ultralytics.data.build_dataloader", "full batches for the noise scale's steps"),
+    Dependency("ultralytics.utils.torch_utils.unwrap_model", "the network a run trains, copied for "
+                                                             "--log-noise-scale"),
     Dependency("ultralytics.nn.backends.base.BaseBackend.engine_header", "where a TensorRT engine starts after "
                                                                          "Ultralytics' metadata header", private=True),
 )
@@ -137,7 +142,15 @@ OBJECT_ATTRIBUTES: tuple[Dependency, ...] = (
     Dependency("BaseTrainer.last", "the checkpoint named when training gives up"),
     Dependency("BaseTrainer._oom_retries", "set above Ultralytics' limit before each step so its own first-epoch "
                "OOM halving never acts", private=True),
-    Dependency("DetectionModel.loss", "the probe's real detection loss"),
+    Dependency("DetectionModel.loss", "the probe's real detection loss; the noise scale's gradients"),
+    Dependency("DetectionModel.criterion", "reset on the noise scale's copy so the loss is built from its args",
+               private=True),
+    # Read per epoch by the sweep's meter and the noise-scale log (checked on a live trainer like those above).
+    Dependency("BaseTrainer.tloss", "the epoch's mean training loss items", private=True),
+    Dependency("BaseTrainer.label_loss_items", "the loss items by name (train/box_loss, ...)"),
+    Dependency("BaseTrainer.lr", "the learning rate of the epoch"),
+    Dependency("BaseTrainer.epochs", "which on_fit_epoch_end is the final validation of best.pt"),
+    Dependency("BaseTrainer.args.imgsz", "the image size of the noise scale's copy"),
     Dependency("DetectionModel.fuse", "Conv+BN fusion for inference, as the predictor does"),
     Dependency("DetectionModel.stride / names / end2end", "letterbox stride, class names, NMS-free heads"),
 )
