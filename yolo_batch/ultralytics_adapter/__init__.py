@@ -36,12 +36,14 @@ from yolo_batch.ultralytics_adapter.export import (
 )
 from yolo_batch.ultralytics_adapter.models import (
     InferenceNetwork,
+    PortableModel,
     check_model_spec,
     detection_model,
     inference_network,
     load_model,
     non_max_suppression,
     parameter_count,
+    portable_model,
     reference_letterbox,
     versions,
 )
@@ -86,6 +88,7 @@ __all__ = [
     "Exported",
     "InferenceNetwork",
     "MissingRequirement",
+    "PortableModel",
     "TrainerCallback",
     "UltralyticsMismatch",
     "WorkerSetup",
@@ -116,6 +119,7 @@ __all__ = [
     "offline",
     "one_line",
     "parameter_count",
+    "portable_model",
     "predict_stream",
     "quiet",
     "reference_letterbox",

@@ -1,0 +1,149 @@
+"""The one module that imports Ray (lazily, on first use): connect, read the cluster, run the dataset.
+
+The run is Ray Data's documented batch-inference pattern::
+
+    from_items(paths) -> map_batches(prepare_block)            CPU tasks: decode + letterbox (PrepareStep)
+                      -> map_batches(RayInferWorker, ActorPoolStrategy(size=actors), num_gpus=...)
+                                                                 one engine per actor (InferStep)
+                      -> iter_batches()                          on the driver, block by block as they complete
+
+The two map stages are given different fault-tolerance arguments (``max_retries`` for the tasks,
+``max_restarts``/``max_task_retries`` for the actors), which also keeps Ray Data from fusing them into one actor
+stage: decoding stays in tasks on any free CPU while the actors run forward passes. A killed actor is restarted
+and the blocks it held run again; the driver drops a result it already wrote, so none is written twice.
+
+Workers must import ``yolo_batch`` (the same version as the driver). A local cluster started here runs its
+workers with the driver's interpreter and environment, so an installed (or editable) yolo-batch is found; on a
+remote cluster install yolo-batch on every node, as for any library a Ray job uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from yolo_batch.errors import InputError
+from yolo_batch.inference.cluster.plan import EXTRA, ClusterConfig, ClusterPlan, ClusterResources
+from yolo_batch.inference.cluster.work import (
+    Block,
+    InferWorker,
+    WorkSpec,
+    model_file,
+    prepare_block,
+    resolve_runtime_here,
+)
+from yolo_batch.inference.runtimes.choice import RuntimeChoice
+
+log = logging.getLogger(__name__)
+
+TASK_RETRIES = 3  # a decode task lost with its worker or node runs again
+ACTOR_RESTARTS = 3  # a killed actor comes back (its blocks run again), up to three times each
+
+
+def import_ray() -> Any:
+    """The ``ray`` module with Ray Data.
+
+    Raises:
+        InputError: Ray is not installed (one line naming the extra).
+    """
+    try:
+        import ray
+        import ray.data  # the cluster path is Ray Data's
+    except ImportError:
+        raise InputError(f"--cluster ray needs Ray Data, which is not installed: pip install 'yolo-batch[{EXTRA}]'"
+                         ) from None
+    return ray
+
+
+class RayInferWorker(InferWorker):
+    """:class:`InferWorker` taking the model's bytes from the object store (nodes need not share a filesystem)."""
+
+    def __init__(self, spec: WorkSpec, model: Any) -> None:
+        import ray
+
+        data = ray.get(model) if isinstance(model, ray.ObjectRef) else model
+        super().__init__(spec, model_file(data, spec.model_sha256))
+
+
+class RaySession:
+    """A connected driver: the cluster's size, the runtime choice on a worker, and the run's stream of blocks."""
+
+    def __init__(self, ray: Any, address: str) -> None:
+        self.ray = ray
+        self.address = address
+        self.version = str(ray.__version__)
+
+    def resources(self) -> ClusterResources:
+        total = self.ray.cluster_resources()
+        nodes = sum(1 for node in self.ray.nodes() if node.get("Alive"))
+        return ClusterResources(nodes=nodes, cpus=float(total.get("CPU", 0.0)), gpus=float(total.get("GPU", 0.0)))
+
+    def resolve_runtime(self, plan: ClusterPlan, backend: str, precision: str) -> RuntimeChoice:
+        """The runtime choice made on a worker with an actor's resources (its runtimes and device).
+
+        Raises:
+            InputError: an explicit backend or precision that cannot run on the actors.
+        """
+        task = self.ray.remote(num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
+                               max_retries=TASK_RETRIES)(resolve_runtime_here)
+        try:
+            choice: RuntimeChoice = self.ray.get(task.remote(backend, precision, plan.device))
+            return choice
+        except self.ray.exceptions.RayTaskError as exc:
+            cause = exc.as_instanceof_cause()
+            if isinstance(cause, InputError):
+                raise InputError(str(cause).splitlines()[-1]) from None
+            raise
+
+    def blocks(self, paths: Sequence[str], spec: WorkSpec, plan: ClusterPlan, model: bytes) -> Iterator[Block]:
+        """Run the dataset over ``paths``; yields the actors' output blocks as they complete."""
+        data = self.ray.data
+        context = data.DataContext.get_current()
+        context.enable_progress_bars = False  # the driver reports progress through its own reporter
+        context.print_on_execution_start = False
+        model_ref = self.ray.put(model)
+        dataset = data.from_items([{"path": p} for p in paths],
+                                  override_num_blocks=max(1, -(-len(paths) // plan.rows_per_task)))
+        with warnings.catch_warnings():
+            # Fault-tolerance arguments go through map_batches' **ray_remote_args, Ray Data's documented way
+            # (deprecated from 2.60 for 2.64, which the extra's upper bound keeps out).
+            warnings.simplefilter("ignore", DeprecationWarning)
+            dataset = dataset.map_batches(prepare_block, fn_kwargs={"spec": spec}, batch_size=plan.rows_per_task,
+                                          batch_format="numpy", num_cpus=1, max_retries=TASK_RETRIES)
+            dataset = dataset.map_batches(
+                RayInferWorker, fn_constructor_kwargs={"spec": spec, "model": model_ref},
+                batch_size=plan.rows_per_call, batch_format="numpy", compute=data.ActorPoolStrategy(size=plan.actors),
+                num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor, max_restarts=ACTOR_RESTARTS,
+                max_task_retries=ACTOR_RESTARTS)
+        yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+
+
+@contextlib.contextmanager
+def connect(cluster: ClusterConfig) -> Iterator[RaySession]:
+    """Join the cluster ``cluster`` names (``ray``: RAY_ADDRESS, else a local one started here and stopped on
+    exit); a driver already connected (``ray.init`` in the caller's script) is used as it is.
+
+    Raises:
+        InputError: Ray is not installed, or the cluster cannot be reached.
+    """
+    ray = import_ray()
+    started = False
+    if not ray.is_initialized():
+        for name in ("ray", "ray.data"):  # Ray's own start-up and execution lines: our reporter says what matters
+            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours
+        try:
+            ray.init(address=cluster.address, log_to_driver=False, include_dashboard=False,
+                     logging_level=logging.WARNING)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise InputError(f"cannot join the Ray cluster ({cluster.describe()}): {str(exc).splitlines()[0]}"
+                             ) from None
+        started = True
+    try:
+        yield RaySession(ray, ray.get_runtime_context().gcs_address)
+    finally:
+        if started:
+            ray.shutdown()
