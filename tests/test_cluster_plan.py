@@ -4,7 +4,9 @@ the one line a user gets without Ray installed."""
 from __future__ import annotations
 
 import json
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +125,10 @@ def test_worker_steps_without_a_cluster_match_local_infer(detector, image_folder
     report = out["report"][0]
     assert report.images == len(local) and report.failed == len(bad) and report.batch == 3
     assert all(r is None for r in out["report"][1:])
+
+
+def test_only_the_ray_backend_imports_ray():
+    root = Path(__file__).resolve().parents[1] / "yolo_batch"
+    importers = {str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if re.search(r"^\s*(import ray\b|from ray\b)", p.read_text(), re.MULTILINE)}
+    assert importers == {"inference/cluster/ray_backend.py"}
