@@ -161,7 +161,8 @@ def run_cluster_inference(config: InferConfig, cluster: ClusterConfig, progress:
         wall_s=time.perf_counter() - start, images_per_s=tally.images / stream_s if stream_s else 0.0,
         stage_s=dict(tally.stage_s), batch=tally.choice.batch if tally.choice else config.batch.fixed or 1,
         device=f"{plan.actors} actor(s) on {'GPU' if plan.gpus_per_actor else 'CPU'}", precision=runtime.precision,
-        backend=runtime.backend, runtime=runtime.to_dict(), workers=plan.actors, threads=int(plan.cpus_per_actor),
+        backend=runtime.backend, runtime=runtime.to_dict(),
+        workers=max(int(resources.cpus - plan.actors * plan.cpus_per_actor), 0), threads=int(plan.cpus_per_actor),
         streams=plan.actors, decoder=decoder, padding=tally.padding, batch_choice=tally.choice,
         oom_events=tuple(tally.oom_events), journal_dropped_lines=journal.dropped_lines, cluster=cluster_info)
     write_json(config.out / OutputFile.SUMMARY.value, summary.to_dict())
