@@ -64,7 +64,7 @@ def many_images(folder: Path, count: int) -> list[Path]:
 def test_same_results_and_failures_as_local_infer(ray_address, detector, image_folder, tmp_path):
     bad = write_bad_files(image_folder)
     common = [str(image_folder), "--model", str(detector), *SETTINGS, "--batch", "3", "--format", "csv",
-              "--format", "yolo-txt", "--json"]
+              "--format", "yolo-txt", "--save-annotated", "--json"]
     local = infer(*common, "--out", str(tmp_path / "local"))
     remote = infer(*common, "--out", str(tmp_path / "ray"), "--cluster", "ray")
     assert local.exit_code == remote.exit_code == 3, remote.output  # bad files: exit 3, as local infer
@@ -78,6 +78,10 @@ def test_same_results_and_failures_as_local_infer(ray_address, detector, image_f
     assert csv[0] == csv[1]
     labels = [{p.name: p.read_text() for p in (tmp_path / name / "labels").rglob("*.txt")} for name in ("local", "ray")]
     assert labels[0] == labels[1] and len(labels[0]) == 8
+    drawn = [{p.name: cv2.imread(str(p)) for p in (tmp_path / name / "annotated").rglob("*.jpg")}
+             for name in ("local", "ray")]  # the decoded originals travel to the driver, which draws them
+    assert drawn[0].keys() == drawn[1].keys() and len(drawn[0]) == 8
+    assert all(np.array_equal(drawn[0][name], drawn[1][name]) for name in drawn[0])
     summary = json.loads(remote.stdout)
     assert summary["processed"] == 8 and summary["failed"] == len(bad)
     cluster = summary["cluster"]
@@ -165,9 +169,12 @@ def test_a_driver_killed_mid_run_then_rerun_writes_every_image_once(ray_address,
     with open(results, "a") as handle:  # what a kill during a write leaves: half a line
         handle.write('{"path": "' + str(paths[-1]) + '", "width": 1')
 
-    rerun = infer(*command[4:-2], "--json", "--cluster", "ray")  # the same command, from this (connected) driver
+    # The same command from this (connected) driver, with --batch auto: the batch does not change results, and
+    # each actor measures its own.
+    rerun = infer(*[("auto" if a == "2" else a) for a in command[4:-2]], "--json", "--cluster", "ray")
     assert rerun.exit_code == 0, rerun.output
     summary = json.loads(rerun.stdout)
+    assert summary["batch_choice"]["batch"] == summary["cluster"]["per_actor"][0]["batch"]
     assert summary["done_before"] == before and summary["processed"] == 300 - before
     assert summary["journal_dropped_lines"] == 1
     assert Counter(r["path"] for r in journal(out)) == Counter(str(p) for p in paths)

@@ -68,6 +68,7 @@ class DriverTally:
     padding: PaddingStats = NO_PADDING
     oom_events: list[OomEvent] = field(default_factory=list)
     choice: ThroughputChoice | None = None
+    export: dict[str, Any] | None = None
     actors: dict[str, ActorTally] = field(default_factory=dict)
 
     def write(self, block: Block, writer: ResultWriter) -> None:
@@ -111,6 +112,8 @@ class DriverTally:
         self.oom_events += report.oom_events
         if self.choice is None and report.choice is not None:
             self.choice = report.choice
+        if self.export is None and report.export is not None:
+            self.export = report.export
 
     def busy(self, now: float) -> int:
         return sum(1 for a in self.actors.values() if now - a.last_seen <= BUSY_WINDOW_S)
@@ -161,7 +164,7 @@ def run_cluster_inference(config: InferConfig, cluster: ClusterConfig, progress:
         wall_s=time.perf_counter() - start, images_per_s=tally.images / stream_s if stream_s else 0.0,
         stage_s=dict(tally.stage_s), batch=tally.choice.batch if tally.choice else config.batch.fixed or 1,
         device=f"{plan.actors} actor(s) on {'GPU' if plan.gpus_per_actor else 'CPU'}", precision=runtime.precision,
-        backend=runtime.backend, runtime=runtime.to_dict(),
+        backend=runtime.backend, runtime=runtime.to_dict(), export=tally.export,
         workers=max(int(resources.cpus - plan.actors * plan.cpus_per_actor), 0), threads=int(plan.cpus_per_actor),
         streams=plan.actors, decoder=decoder, padding=tally.padding, batch_choice=tally.choice,
         oom_events=tuple(tally.oom_events), journal_dropped_lines=journal.dropped_lines, cluster=cluster_info)

@@ -104,6 +104,7 @@ class ActorReport:
     seconds: float  # forward passes and NMS
     padding: PaddingStats = NO_PADDING
     choice: ThroughputChoice | None = None  # --batch auto: on the actor's first block only
+    export: dict[str, Any] | None = None  # an exported runtime's ExportRecord: on the actor's first block only
     oom_events: tuple[OomEvent, ...] = field(default_factory=tuple)
 
 
@@ -127,19 +128,22 @@ class InferWorker:
             torch.set_num_threads(spec.threads)  # the actor's own process: its CPUs are the ones Ray gave it
         self.engine = Engine.open(str(model), device, spec.runtime, spec.imgsz, spec.nms, max_batch=spec.max_batch,
                                   streams=1, threads=spec.threads, use_cache=spec.use_cache, on_export=log.warning)
-        self.step: InferStep | None = None
+        # Until the first images arrive (--batch auto measures on them), a block of failures alone needs no size.
+        self.step = InferStep(self.engine, BatchSize(spec.batch or 1), spec.imgsz)
+        self.started = False
 
     def __call__(self, block: Block) -> Block:
         items = list(block["item"])
         prepared = [item for item in items if isinstance(item, Prepared)]
-        choice = self._start(prepared) if self.step is None and prepared else None
+        first = not self.started and bool(prepared)
+        choice = self._start(prepared) if first else None
+        step = self.step
+        events_before = len(step.batch_size.events)
         results: list[ImageRecord | FailureRecord] = [item for item in items if isinstance(item, FailureRecord)]
         originals: dict[str, np.ndarray] = {}
         seconds, padding, failed = 0.0, NO_PADDING, len(results)
-        events_before = len(self.step.batch_size.events) if self.step else 0
         for group in _shape_groups(prepared):
-            while group:
-                step = self._ready_step()
+            while group:  # the size is read per chunk: an out-of-memory split shrinks it for the next
                 chunk, group = group[:step.batch_size()], group[step.batch_size():]
                 written = step(step.collate(chunk))
                 results += [*written.records, *written.failures]
@@ -147,31 +151,24 @@ class InferWorker:
                 seconds += written.seconds
                 padding += written.padding
                 failed += len(written.failures)
-        current = self.step
-        report = ActorReport(actor=self.identity, batch=current.batch_size() if current else self.spec.batch or 1,
-                             images=len(results) - failed, failed=failed, seconds=seconds, padding=padding,
-                             choice=choice,
-                             oom_events=tuple(current.batch_size.events[events_before:]) if current else ())
+        export = self.engine.export.to_dict() if first and self.engine.export else None
+        report = ActorReport(actor=self.identity, batch=step.batch_size(), images=len(results) - failed,
+                             failed=failed, seconds=seconds, padding=padding, choice=choice, export=export,
+                             oom_events=tuple(step.batch_size.events[events_before:]))
         return {"path": _objects([r.path for r in results]), "result": _objects(results),
                 "original": _objects([originals.get(r.path) for r in results]),
                 "report": _objects([report, *([None] * (len(results) - 1))])}
 
-    def _ready_step(self) -> InferStep:
-        if self.step is None:  # a first block of failures only: start at the fixed size (or 1 for auto)
-            self.step = InferStep(self.engine, BatchSize(self.spec.batch or 1), self.spec.imgsz)
-        return self.step
-
     def _start(self, prepared: Sequence[Prepared]) -> ThroughputChoice | None:
         """Warm up on the first shape; with ``--batch auto`` measure on this actor's device and first images."""
-        first = prepared[0]
-        self.engine.warmup(first.plan.out)
-        choice = None
-        if self.spec.batch is None:
-            samples = [(item.pixels, item.plan) for item in prepared[:AUTO_SAMPLES]]
-            choice = measure_prepared(self.engine, samples, self.spec.max_batch, self.spec.max_latency_ms)
-            log.info("actor %s: batch %d (%s)", self.identity, choice.batch, choice.reason)
-        self.step = InferStep(self.engine, BatchSize(choice.batch if choice else self.spec.batch or 1),
-                              self.spec.imgsz)
+        self.started = True
+        self.engine.warmup(prepared[0].plan.out)
+        if self.spec.batch is not None:
+            return None
+        samples = [(item.pixels, item.plan) for item in prepared[:AUTO_SAMPLES]]
+        choice = measure_prepared(self.engine, samples, self.spec.max_batch, self.spec.max_latency_ms)
+        log.info("actor %s: batch %d (%s)", self.identity, choice.batch, choice.reason)
+        self.step = InferStep(self.engine, BatchSize(choice.batch), self.spec.imgsz)
         return choice
 
     def release(self) -> None:
