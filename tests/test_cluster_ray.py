@@ -88,6 +88,14 @@ def test_same_results_and_failures_as_local_infer(ray_address, detector, image_f
     assert cluster["resources"]["cpus"] == 2 and cluster["plan"]["actors"] == 1
     assert sum(a["images"] for a in cluster["per_actor"]) == 8 and cluster["per_actor"][0]["images_per_s"] > 0
 
+    import yolo_batch
+
+    values = list(yolo_batch.iter_detections(str(image_folder), model=detector, batch=3, imgsz=64, conf=0.15,
+                                             device="cpu", backend="torch", precision="fp32", cluster="ray"))
+    assert {v.path: v.class_id.tolist() for v in values if v.ok} == {
+        p: [d["class_id"] for d in found] for p, found in records.items()}
+    assert {Path(v.path).name for v in values if not v.ok} == set(bad)
+
     again = infer(*common, "--out", str(tmp_path / "ray"), "--cluster", "ray")  # resume: nothing left but the bad
     resumed = json.loads(again.stdout)
     assert resumed["done_before"] == 8 and resumed["processed"] == 0 and resumed["failed"] == len(bad)

@@ -213,7 +213,8 @@ def build_cluster_config(cluster: str | None, actors: int | None = None,
 
 
 def iter_detections(source: Sources, *, model: str | Path = DEFAULT_MODEL, profile: str | Path | None = None,
-                    batch: int | str | None = None, out: str | Path | None = None,
+                    batch: int | str | None = None, out: str | Path | None = None, cluster: str | None = None,
+                    actors: int | None = None, gpus_per_actor: float | None = None,
                     **settings: Any) -> Generator[Detections, None, None]:
     """One :class:`Detections` per image, in completion order, from ``infer``'s pipeline (buckets, batch or
     ``"auto"``, out-of-memory splitting); nothing is written unless ``out`` is given.
@@ -222,7 +223,8 @@ def iter_detections(source: Sources, *, model: str | Path = DEFAULT_MODEL, profi
     are; stopping early (``break``, ``close()``) stops the pipeline and its threads. An image that cannot be read
     yields a value with ``error`` set and no boxes. With ``out``, it writes what ``infer`` writes and skips the
     images ``out`` already holds (resume). Settings are checked at the call; sources, model and device at the first
-    ``next()``.
+    ``next()``. ``cluster="ray"`` (with ``actors``, ``gpus_per_actor``) runs on a Ray cluster as :func:`infer` does,
+    handing over each block's results as it reaches the driver.
 
     Example::
 
@@ -246,7 +248,12 @@ def iter_detections(source: Sources, *, model: str | Path = DEFAULT_MODEL, profi
         raise InputError("save_annotated, formats and overwrite are about output files: give out= as well")
     if out is not None:
         settings["out"] = out
+    clustered = build_cluster_config(cluster, actors, gpus_per_actor)
     config = build_infer_config(source, model=model, profile=profile, batch=batch, **settings)
+    if clustered is not None:
+        from yolo_batch.inference.cluster.run import iter_cluster_inference
+
+        return iter_cluster_inference(config, clustered, write_files=out is not None)
     return iter_inference(config, write_files=out is not None)
 
 

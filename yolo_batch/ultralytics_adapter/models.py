@@ -130,6 +130,7 @@ class PortableModel:
 
     path: Path
     stride: int
+    names: dict[int, str]
 
 
 def portable_model(spec: str, folder: Path) -> PortableModel:
@@ -144,13 +145,13 @@ def portable_model(spec: str, folder: Path) -> PortableModel:
     from yolo_batch.ultralytics_adapter.settings import model_stride
 
     model = load_model(spec)
-    stride = model_stride(model)
+    stride, names = model_stride(model), {int(k): str(v) for k, v in dict(model.names).items()}
     if Path(spec).suffix == ".pt":
-        return PortableModel(Path(spec), stride)
+        return PortableModel(Path(spec), stride, names)
     target = Path(folder) / (Path(spec).stem + ".pt")
     with offline():
         model.save(str(target))
-    return PortableModel(target, stride)
+    return PortableModel(target, stride, names)
 
 
 def non_max_suppression(raw: Any, conf: float, iou: float, classes: Sequence[int] | None, max_det: int,
