@@ -92,15 +92,19 @@ class ClusterPlan:
                 "reason": self.reason}
 
 
-def check_cluster_device(device: str | None) -> None:
-    """``--device`` with ``--cluster``: only ``cpu`` (CPU actors); a GPU is Ray's to assign.
+def check_cluster_settings(device: str | None, workers: int | None = None, streams: int | None = None) -> None:
+    """Local ``infer``'s placement settings on a cluster: ``--device cpu`` (CPU actors) only, since a GPU is Ray's
+    to assign; no ``--workers``/``--streams``, since decode tasks take the free CPUs and each actor is one stream.
 
     Raises:
-        InputError: any other device.
+        InputError: a setting the cluster path would otherwise ignore.
     """
     if device is not None and device.strip().lower() != "cpu":
         raise InputError(f"--device {device} with --cluster: Ray assigns each actor its GPU; use --gpus-per-actor "
                          f"(or --device cpu for CPU actors)")
+    if workers is not None or streams is not None:
+        raise InputError("--workers and --streams are local infer's: with --cluster decode tasks take the free CPUs "
+                         "and each actor runs one stream (use --actors; --threads sets a CPU actor's cores)")
 
 
 def plan_cluster(resources: ClusterResources, cluster: ClusterConfig, device: str | None, threads: int | None,
@@ -116,7 +120,7 @@ def plan_cluster(resources: ClusterResources, cluster: ClusterConfig, device: st
     Raises:
         InputError: a pool the cluster cannot hold.
     """
-    check_cluster_device(device)
+    check_cluster_settings(device)
     if device is not None and cluster.gpus_per_actor:
         raise InputError(f"--device cpu and --gpus-per-actor {cluster.gpus_per_actor:g} contradict each other")
     if device is not None:

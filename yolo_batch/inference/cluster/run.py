@@ -33,7 +33,7 @@ from yolo_batch.inference.cluster.plan import (
     ClusterConfig,
     ClusterPlan,
     ClusterResources,
-    check_cluster_device,
+    check_cluster_settings,
     plan_cluster,
 )
 from yolo_batch.inference.cluster.work import ActorReport, Block, WorkSpec
@@ -177,7 +177,7 @@ def open_cluster_run(config: InferConfig, cluster: ClusterConfig, write_files: b
     from yolo_batch.inference.cluster import ray_backend
 
     ray_backend.import_ray()  # one line naming the extra, before any work
-    check_cluster_device(config.device)
+    check_cluster_settings(config.device, config.workers, config.streams)
     discovery = discover(config.sources)
     with tempfile.TemporaryDirectory(prefix="yolo-batch-cluster-") as scratch:
         model = ultralytics_adapter.portable_model(config.model, Path(scratch))
