@@ -12,9 +12,12 @@ The two map stages are given different fault-tolerance arguments (``max_retries`
 stage: decoding stays in tasks on any free CPU while the actors run forward passes. A killed actor is restarted
 and the blocks it held run again; the driver drops a result it already wrote, so none is written twice.
 
-Workers must import ``yolo_batch`` (the same version as the driver). A local cluster started here runs its
-workers with the driver's interpreter and environment, so an installed (or editable) yolo-batch is found; on a
-remote cluster install yolo-batch on every node, as for any library a Ray job uses.
+Workers must import ``yolo_batch`` (the same version as the driver): the decode function, the actor class and
+the spec's dataclasses are pickled by reference. A local cluster started here runs its workers with the driver's
+interpreter and the environment it had at ``ray.init`` (checked: a worker imports the same ``yolo_batch`` file,
+an editable install included, and sees a variable the driver set before connecting), so nothing more is needed;
+on a remote cluster install yolo-batch on every node, as for any library a Ray job uses (a node without it is
+reported in one line by the first task, the runtime choice).
 """
 
 from __future__ import annotations
@@ -92,10 +95,13 @@ class RaySession:
         try:
             choice: RuntimeChoice = self.ray.get(task.remote(backend, precision, plan.device))
             return choice
-        except self.ray.exceptions.RayTaskError as exc:
-            cause = exc.as_instanceof_cause()
+        except self.ray.exceptions.RayError as exc:
+            cause = exc.as_instanceof_cause() if isinstance(exc, self.ray.exceptions.RayTaskError) else exc
             if isinstance(cause, InputError):
                 raise InputError(str(cause).splitlines()[-1]) from None
+            if "No module named 'yolo_batch'" in str(exc):  # the first task is where a node without it shows
+                raise InputError("the cluster's workers cannot import yolo_batch: install yolo-batch (the driver's "
+                                 "version) on every node") from None
             raise
 
     def blocks(self, paths: Sequence[str], spec: WorkSpec, plan: ClusterPlan, model: bytes) -> Iterator[Block]:
