@@ -192,3 +192,15 @@ def test_a_driver_killed_mid_run_then_rerun_writes_every_image_once(ray_address,
     assert Counter(r["path"] for r in journal(out)) == Counter(str(p) for p in paths)
     csv_paths = {row.split(",")[0] for row in (out / "results.csv").read_text().splitlines()[1:]}
     assert csv_paths == {r["path"] for r in journal(out) if r["detections"]}
+
+
+@pytest.mark.slow
+def test_bench_infer_cluster_reports_local_and_ray_on_the_same_images(ray_address, detector, image_folder):
+    result = CliRunner().invoke(main, ["bench", "infer", str(image_folder), "--model", str(detector), *SETTINGS,
+                                       "--batch", "4", "--cluster", "ray", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["images"] == 8 and report["same_results"] is True
+    assert set(report["images_per_s"]) == {"local infer", "ray infer"} and all(report["images_per_s"].values())
+    assert set(report["ratios"]) == {"ray_over_local_images_per_s", "ray_over_local_wall"}
+    assert [r["images"] for r in report["runs"]] == [8, 8] and report["cluster"]["plan"]["actors"] == 1

@@ -123,6 +123,7 @@ class DriverTally:
         actor.batch = report.batch
         actor.last_seen = time.monotonic()
         self.stage_s["inference"] += report.seconds
+        self.stage_s["collate"] += report.collate_s
         self.padding = self.padding + report.padding
         self.oom_events += report.oom_events
         if self.choice is None and report.choice is not None:

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,7 @@ class ActorReport:
     images: int
     failed: int
     seconds: float  # forward passes and NMS
+    collate_s: float = 0.0  # stacking the batches
     padding: PaddingStats = NO_PADDING
     choice: ThroughputChoice | None = None  # --batch auto: on the actor's first block only
     export: dict[str, Any] | None = None  # an exported runtime's ExportRecord: on the actor's first block only
@@ -141,11 +143,14 @@ class InferWorker:
         events_before = len(step.batch_size.events)
         results: list[ImageRecord | FailureRecord] = [item for item in items if isinstance(item, FailureRecord)]
         originals: dict[str, np.ndarray] = {}
-        seconds, padding, failed = 0.0, NO_PADDING, len(results)
+        seconds, collate_s, padding, failed = 0.0, 0.0, NO_PADDING, len(results)
         for group in _shape_groups(prepared):
             while group:  # the size is read per chunk: an out-of-memory split shrinks it for the next
                 chunk, group = group[:step.batch_size()], group[step.batch_size():]
-                written = step(step.collate(chunk))
+                collate_start = time.perf_counter()
+                batch = step.collate(chunk)
+                collate_s += time.perf_counter() - collate_start
+                written = step(batch)
                 results += [*written.records, *written.failures]
                 originals.update(written.originals or {})
                 seconds += written.seconds
@@ -153,7 +158,8 @@ class InferWorker:
                 failed += len(written.failures)
         export = self.engine.export.to_dict() if first and self.engine.export else None
         report = ActorReport(actor=self.identity, batch=step.batch_size(), images=len(results) - failed,
-                             failed=failed, seconds=seconds, padding=padding, choice=choice, export=export,
+                             failed=failed, seconds=seconds, collate_s=collate_s, padding=padding, choice=choice,
+                             export=export,
                              oom_events=tuple(step.batch_size.events[events_before:]))
         return {"path": _objects([r.path for r in results]), "result": _objects(results),
                 "original": _objects([originals.get(r.path) for r in results]),
