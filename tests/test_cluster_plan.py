@@ -87,6 +87,7 @@ def test_without_ray_one_line_names_the_extra_and_exit_2(image_folder, tmp_path,
     (["--cluster", "dask"], "'ray' or 'ray:ADDRESS'"),
     (["--cluster", "ray", "--device", "0"], "Ray assigns each actor its GPU"),
     (["--cluster", "ray", "--workers", "2"], "--workers and --streams are local infer's"),
+    (["--cluster", "ray:127.0.0.1:1"], "nothing answers at 127.0.0.1:1"),  # not minutes of Ray's own retries
 ])
 def test_cluster_usage_errors_exit_2(image_folder, tmp_path, args, message):
     result = CliRunner().invoke(main, ["infer", str(image_folder), *args, "--out", str(tmp_path / "o")])

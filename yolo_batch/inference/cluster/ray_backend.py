@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 TASK_RETRIES = 3  # a decode task lost with its worker or node runs again
 ACTOR_RESTARTS = 3  # a killed actor comes back (its blocks run again), up to three times each
+CONNECT_TIMEOUT_S = 10.0
 
 
 def import_ray() -> Any:
@@ -108,8 +110,16 @@ class RaySession:
         """Run the dataset over ``paths``; yields the actors' output blocks as they complete."""
         data = self.ray.data
         context = data.DataContext.get_current()
-        context.enable_progress_bars = False  # the driver reports progress through its own reporter
-        context.print_on_execution_start = False
+        saved = context.enable_progress_bars, context.print_on_execution_start
+        # The driver reports progress through its own reporter; the caller's settings come back after the run.
+        context.enable_progress_bars, context.print_on_execution_start = False, False
+        try:
+            yield from self._dataset(paths, spec, plan, model).iter_batches(batch_size=None, batch_format="numpy")
+        finally:
+            context.enable_progress_bars, context.print_on_execution_start = saved
+
+    def _dataset(self, paths: Sequence[str], spec: WorkSpec, plan: ClusterPlan, model: bytes) -> Any:
+        data = self.ray.data
         model_ref = self.ray.put(model)
         dataset = data.from_items([{"path": p} for p in paths],
                                   override_num_blocks=max(1, -(-len(paths) // plan.rows_per_task)))
@@ -124,7 +134,7 @@ class RaySession:
                 batch_size=plan.rows_per_call, batch_format="numpy", compute=data.ActorPoolStrategy(size=plan.actors),
                 num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor, max_restarts=ACTOR_RESTARTS,
                 max_task_retries=ACTOR_RESTARTS)
-        yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+        return dataset
 
 
 @contextlib.contextmanager
@@ -137,19 +147,43 @@ def connect(cluster: ClusterConfig) -> Iterator[RaySession]:
     """
     ray = import_ray()
     started = False
-    if not ray.is_initialized():
-        for name in ("ray", "ray.data"):  # Ray's own start-up and execution lines: our reporter says what matters
-            logging.getLogger(name).setLevel(logging.WARNING)
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours
-        try:
-            ray.init(address=cluster.address, log_to_driver=False, include_dashboard=False,
-                     logging_level=logging.WARNING)
-        except (ConnectionError, ValueError, RuntimeError) as exc:
-            raise InputError(f"cannot join the Ray cluster ({cluster.describe()}): {str(exc).splitlines()[0]}"
-                             ) from None
-        started = True
+    # Ray's own start-up and execution lines: our reporter says what matters ("progress bars disabled": ours are on)
+    quieter = {"ray": logging.WARNING, "ray.data": logging.WARNING, "ray.data._internal.progress": logging.ERROR}
+    levels = {name: logging.getLogger(name).level for name in quieter}
+    for name, level in quieter.items():
+        logging.getLogger(name).setLevel(max(level, levels[name]))
     try:
+        if not ray.is_initialized():
+            _check_reachable(cluster)
+            try:
+                ray.init(address=cluster.address, log_to_driver=False, include_dashboard=False,
+                         logging_level=logging.WARNING)
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                raise InputError(f"cannot join the Ray cluster ({cluster.describe()}): {str(exc).splitlines()[0]}"
+                                 ) from None
+            started = True
         yield RaySession(ray, ray.get_runtime_context().gcs_address)
     finally:
         if started:
             ray.shutdown()
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _check_reachable(cluster: ClusterConfig, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """An address that names a host and port must answer a TCP connection: ``ray.init`` itself waits minutes for
+    a cluster that is not there before it gives up.
+
+    Raises:
+        InputError: nothing answers at that address within ``timeout_s``.
+    """
+    address = cluster.address or ""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():  # "auto", or no address: Ray finds the local cluster or starts one
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot join the Ray cluster ({cluster.describe()}): nothing answers at {host}:{port} "
+                         f"({exc.strerror or exc})") from None
