@@ -134,3 +134,15 @@ def test_only_the_ray_backend_imports_ray():
     importers = {str(p.relative_to(root)) for p in root.rglob("*.py")
                  if re.search(r"^\s*(import ray\b|from ray\b)", p.read_text(), re.MULTILINE)}
     assert importers == {"inference/cluster/ray_backend.py"}
+
+
+def test_a_yaml_model_is_saved_once_so_every_actor_loads_the_same_weights(tmp_path):
+    import torch
+
+    from yolo_batch.ultralytics_adapter import load_model, portable_model
+
+    saved = portable_model("yolo11n.yaml", tmp_path)
+    assert saved.path == tmp_path / "yolo11n.pt" and saved.stride == 32 and len(saved.names) == 80
+    first, second = (load_model(str(saved.path)).model.state_dict() for _ in range(2))
+    assert all(torch.equal(first[k], second[k]) for k in first)  # two loads: the same weights
+    assert portable_model(str(saved.path), tmp_path / "unused").path == saved.path  # a .pt is used as it is
