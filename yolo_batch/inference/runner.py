@@ -39,6 +39,7 @@ from yolo_batch.inference.sources import discover, relative_names
 from yolo_batch.inference.summary import InferenceSummary
 from yolo_batch.inference.throughput import (
     AUTO_MAX_BATCH,
+    AUTO_SAMPLES,
     ThroughputChoice,
     measure_prepared,
 )
@@ -53,7 +54,6 @@ from yolo_batch.inference.writers import (
 log = logging.getLogger(__name__)
 
 _DECODER_SAMPLES = 8
-AUTO_SAMPLES = 8  # images --batch auto measures on (local infer and each cluster actor)
 THROUGHPUT_PLOT = "throughput.png"  # --batch auto: the measurements, beside summary.json
 
 

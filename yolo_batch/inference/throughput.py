@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 TOLERANCE = 0.05
 # Largest batch --batch auto explores, by device type: GPUs often keep gaining past 64 (inspection).
 AUTO_MAX_BATCH = MappingProxyType({"cuda": 256, "cpu": 32})
+AUTO_SAMPLES = 8  # a run's first images that --batch auto measures on (local infer, and each cluster actor)
 
 
 @dataclass(frozen=True)

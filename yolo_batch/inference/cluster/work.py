@@ -37,13 +37,12 @@ from yolo_batch.inference.letterbox import Letterboxer
 from yolo_batch.inference.oom_split import BatchSize, OomEvent
 from yolo_batch.inference.runtimes.choice import RuntimeChoice
 from yolo_batch.inference.stages import InferStep, Prepared, PrepareStep
-from yolo_batch.inference.throughput import ThroughputChoice, measure_prepared
+from yolo_batch.inference.throughput import AUTO_SAMPLES, ThroughputChoice, measure_prepared
 from yolo_batch.inference.writers import FailureRecord, ImageRecord
 
 log = logging.getLogger(__name__)
 
 Block = dict[str, np.ndarray]
-AUTO_SAMPLES = 8  # as local infer: --batch auto measures on the first images it is given
 
 
 @dataclass(frozen=True)
@@ -176,9 +175,6 @@ class InferWorker:
         log.info("actor %s: batch %d (%s)", self.identity, choice.batch, choice.reason)
         self.step = InferStep(self.engine, BatchSize(choice.batch), self.spec.imgsz)
         return choice
-
-    def release(self) -> None:
-        self.engine.release()
 
 
 def _shape_groups(items: Sequence[Prepared]) -> list[list[Prepared]]:
