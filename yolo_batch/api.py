@@ -29,6 +29,7 @@ from yolo_batch.errors import InputError
 from yolo_batch.training.config import BatchRequest, SizingConfig, TrainConfig
 
 if TYPE_CHECKING:
+    from yolo_batch.inference.cluster.plan import ClusterConfig
     from yolo_batch.inference.config import InferConfig
     from yolo_batch.inference.detections import Detections
     from yolo_batch.inference.summary import InferenceSummary
@@ -163,6 +164,7 @@ def build_infer_config(source: Sources, *, model: str | Path = DEFAULT_MODEL, pr
 
 def infer(source: Sources, *, model: str | Path = DEFAULT_MODEL, profile: str | Path | None = None,
           batch: int | str | None = None, out: str | Path = "runs/infer", progress: bool | Reporter = False,
+          cluster: str | None = None, actors: int | None = None, gpus_per_actor: float | None = None,
           **settings: Any) -> InferenceSummary:
     """Detect objects in ``source`` and write the results into ``out``: ``yolo-batch infer`` as a function.
 
@@ -171,25 +173,52 @@ def infer(source: Sources, *, model: str | Path = DEFAULT_MODEL, profile: str | 
     ``half``, ``conf``, ``iou``, ``max_det``, ``classes``, ``workers``, ``threads``, ``streams``, ``formats``,
     ``save_annotated``, ``max_latency_ms``, ``overwrite``). Resumable: a second call with the same ``out``
     processes only what is missing. With ``batch="auto"`` the measurements are in ``out/throughput.png``.
+    ``cluster="ray"`` (or ``"ray:ADDRESS"``) runs on a Ray cluster (``actors``, ``gpus_per_actor`` as the
+    command's ``--actors``, ``--gpus-per-actor``), writing the same files; a driver already connected with
+    ``ray.init`` is used as it is.
 
     Example::
 
         summary = yolo_batch.infer("images/", model="best.pt", out="out", batch="auto", save_annotated=True)
         print(summary.processed, summary.images_per_s, summary.exit_code)
+        summary = yolo_batch.infer("s3-mount/archive/", model="best.pt", out="out", cluster="ray")
 
     Raises:
         InputError: bad sources, model, device, setting, or an ``out`` holding another configuration's results.
     """
     from yolo_batch.inference.runner import run_inference
 
+    clustered = build_cluster_config(cluster, actors, gpus_per_actor)
     config = build_infer_config(source, model=model, profile=profile, batch=batch, out=out, **settings)
     reporter = _reporter(progress)
     task = reporter.task("infer", failures=True) if reporter is not None else None
+    if clustered is not None:
+        from yolo_batch.inference.cluster.run import run_cluster_inference
+
+        return run_cluster_inference(config, clustered, progress=task,
+                                     on_note=reporter.note if reporter is not None else None)
     return run_inference(config, progress=task)
 
 
+def build_cluster_config(cluster: str | None, actors: int | None = None,
+                         gpus_per_actor: float | None = None) -> ClusterConfig | None:
+    """The :class:`ClusterConfig` ``--cluster`` builds (None without a cluster, whose settings are then refused).
+
+    Raises:
+        InputError: a bad cluster name or count, or actors / GPUs per actor without a cluster.
+    """
+    from yolo_batch.inference.cluster.plan import ClusterConfig
+
+    if cluster is None:
+        if actors is not None or gpus_per_actor is not None:
+            raise InputError("actors and gpus-per-actor need a cluster (--cluster ray)")
+        return None
+    return ClusterConfig.parse(cluster, actors=actors, gpus_per_actor=gpus_per_actor)
+
+
 def iter_detections(source: Sources, *, model: str | Path = DEFAULT_MODEL, profile: str | Path | None = None,
-                    batch: int | str | None = None, out: str | Path | None = None,
+                    batch: int | str | None = None, out: str | Path | None = None, cluster: str | None = None,
+                    actors: int | None = None, gpus_per_actor: float | None = None,
                     **settings: Any) -> Generator[Detections, None, None]:
     """One :class:`Detections` per image, in completion order, from ``infer``'s pipeline (buckets, batch or
     ``"auto"``, out-of-memory splitting); nothing is written unless ``out`` is given.
@@ -198,7 +227,8 @@ def iter_detections(source: Sources, *, model: str | Path = DEFAULT_MODEL, profi
     are; stopping early (``break``, ``close()``) stops the pipeline and its threads. An image that cannot be read
     yields a value with ``error`` set and no boxes. With ``out``, it writes what ``infer`` writes and skips the
     images ``out`` already holds (resume). Settings are checked at the call; sources, model and device at the first
-    ``next()``.
+    ``next()``. ``cluster="ray"`` (with ``actors``, ``gpus_per_actor``) runs on a Ray cluster as :func:`infer` does,
+    handing over each block's results as it reaches the driver.
 
     Example::
 
@@ -222,7 +252,12 @@ def iter_detections(source: Sources, *, model: str | Path = DEFAULT_MODEL, profi
         raise InputError("save_annotated, formats and overwrite are about output files: give out= as well")
     if out is not None:
         settings["out"] = out
+    clustered = build_cluster_config(cluster, actors, gpus_per_actor)
     config = build_infer_config(source, model=model, profile=profile, batch=batch, **settings)
+    if clustered is not None:
+        from yolo_batch.inference.cluster.run import iter_cluster_inference
+
+        return iter_cluster_inference(config, clustered, write_files=out is not None)
     return iter_inference(config, write_files=out is not None)
 
 

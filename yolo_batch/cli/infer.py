@@ -52,10 +52,34 @@ def infer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--cluster``, ``--actors`` and ``--gpus-per-actor`` (``infer`` and ``bench infer``)."""
+    options = [
+        click.option("--cluster", default=None, metavar="ray[:ADDRESS]",
+                     help="Run on a Ray cluster through Ray Data: 'ray' joins RAY_ADDRESS or starts a local one, "
+                          "'ray:ADDRESS' joins that one. Needs the extra: pip install 'yolo-batch[ray]'."),
+        click.option("--actors", type=int, default=None,
+                     help="With --cluster: inference actors. Default: one per GPU, or 3/4 of the CPUs."),
+        click.option("--gpus-per-actor", type=float, default=None,
+                     help="With --cluster: GPUs per actor (0: CPU actors; 0.5: two per GPU). Default: 1 with GPUs."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def build_cluster_config(opts: dict[str, Any]) -> Any:
+    """``--cluster`` and its options as a ClusterConfig, or None (raises InputError for bad values)."""
+    from yolo_batch.api import build_cluster_config as build
+
+    return build(opts["cluster"], opts["actors"], opts["gpus_per_actor"])
+
+
 def build_infer_config(sources: tuple[str, ...], opts: dict[str, Any], **more: Any) -> Any:
     """Map parsed options onto :class:`InferConfig` (raises InputError for bad values)."""
     from yolo_batch.api import build_infer_config as build
 
+    opts = {k: v for k, v in opts.items() if k not in {"cluster", "actors", "gpus_per_actor"}}
     return build(sources, model=opts["model"], profile=opts["profile"], batch=opts["batch"], half=opts["half"],
                  imgsz=opts["imgsz"], device=opts["device"], conf=opts["conf"], iou=opts["iou"],
                  max_det=opts["max_det"], classes=opts["classes"], workers=opts["workers"], threads=opts["threads"],
@@ -75,6 +99,7 @@ def build_infer_config(sources: tuple[str, ...], opts: dict[str, Any], **more: A
 @click.option("--overwrite", is_flag=True, help="Start fresh instead of resuming what --out already holds.")
 @click.option("--quiet", is_flag=True, help="No progress and no table (errors still print).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@cluster_options
 @command
 def infer(sources: tuple[str, ...], out: Path, formats: tuple[str, ...], save_annotated: bool,
           max_latency_ms: float | None, overwrite: bool, quiet: bool, as_json: bool, **opts: Any) -> None:
@@ -89,15 +114,22 @@ def infer(sources: tuple[str, ...], out: Path, formats: tuple[str, ...], save_an
     from yolo_batch.inference import run_inference
     from yolo_batch.ultralytics_adapter import quiet as quiet_ultralytics
 
+    cluster = build_cluster_config(opts)
     config = build_infer_config(sources, opts, out=out, formats=("jsonl", *formats), save_annotated=save_annotated,
                                 max_latency_ms=max_latency_ms, overwrite=overwrite)
     err = Console(stderr=True)
-    progress = reporter_for(quiet).task("infer", failures=True)
+    reporter = reporter_for(quiet)
+    progress = reporter.task("infer", failures=True)
     tables = None if quiet else (err if as_json else Console())
     try:
         with quiet_ultralytics():
-            summary = run_inference(config, progress=progress,
-                                    on_batch_choice=(lambda c: tables.print(c.table())) if tables else None)
+            if cluster is not None:
+                from yolo_batch.inference.cluster import run_cluster_inference
+
+                summary = run_cluster_inference(config, cluster, progress=progress, on_note=reporter.note)
+            else:
+                summary = run_inference(config, progress=progress,
+                                        on_batch_choice=(lambda c: tables.print(c.table())) if tables else None)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished images are in {out}/results.jsonl; rerun the same command to resume",
                    err=True)
@@ -118,21 +150,28 @@ def infer(sources: tuple[str, ...], out: Path, formats: tuple[str, ...], save_an
 @click.option("--repeats", type=int, default=1, show_default=True,
               help="Rounds of the three measurements, interleaved; the best of each counts.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@cluster_options
 @command
 def bench_infer(source: str, repeats: int, as_json: bool, **opts: Any) -> None:
     """Ultralytics predict vs ours vs forward-only ceiling: img/s on the same images, model and device.
 
     With an exported runtime (--backend openvino ...) also Ultralytics predict on the same export, and the
-    ceiling is that runtime's own forward pass.
+    ceiling is that runtime's own forward pass. With --cluster: local infer vs the cluster path instead.
     """
     from rich.console import Console
 
     from yolo_batch.inference.bench import run_infer_bench
     from yolo_batch.ultralytics_adapter import quiet as quiet_ultralytics
 
+    cluster = build_cluster_config(opts)
     config = build_infer_config((source,), opts)
     with quiet_ultralytics():
-        report = run_infer_bench(config, repeats=repeats)
+        if cluster is not None:
+            from yolo_batch.inference.cluster import run_cluster_bench
+
+            report: Any = run_cluster_bench(config, cluster, repeats=repeats)
+        else:
+            report = run_infer_bench(config, repeats=repeats)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

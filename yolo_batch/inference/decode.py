@@ -151,6 +151,16 @@ def choose_jpeg_decoder(samples: Sequence[bytes], rounds: int = 3) -> tuple[Deco
     return DecoderChoice(name=name, ms_per_image=timings), candidates[name]
 
 
+def jpeg_decoder(name: str) -> JpegDecode:
+    """The decoder a :class:`DecoderChoice` names, rebuilt where it runs (a cluster worker): OpenCV where
+    simplejpeg is not installed there (identical pixels, so the results do not change)."""
+    if name == "simplejpeg":
+        return simplejpeg_decoder() or opencv_jpeg
+    if name != "opencv":
+        raise ValueError(f"no JPEG decoder named '{name}'")
+    return opencv_jpeg
+
+
 class ImageReader:
     """Reads files into :class:`DecodedImage` (thread-safe: it holds no mutable state)."""
 

@@ -19,7 +19,7 @@ import numpy as np
 from yolo_batch import ultralytics_adapter
 from yolo_batch.inference.letterbox import (
     Letterbox,
-    apply_letterbox,
+    Letterboxer,
     boxes_to_source,
     plan_letterbox,
 )
@@ -133,8 +133,7 @@ class Engine:
 
     def prepare(self, pixels: np.ndarray) -> tuple[np.ndarray, Letterbox]:
         """Letterbox one BGR uint8 image (runs in the decode threads)."""
-        plan = self.plan(pixels.shape[0], pixels.shape[1])
-        return apply_letterbox(pixels, plan), plan
+        return Letterboxer(self.imgsz, self.stride).prepare(pixels)
 
     def collate(self, images: Sequence[np.ndarray]) -> Any:
         """Stack same-shape letterboxed images into one uint8 NHWC host tensor, pinned when bound for CUDA."""

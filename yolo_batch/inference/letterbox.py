@@ -51,6 +51,20 @@ def plan_letterbox(height: int, width: int, imgsz: int, stride: int = 32, auto: 
                      top=top, left=left)
 
 
+@dataclass(frozen=True)
+class Letterboxer:
+    """Letterboxing alone, for a model of ``stride`` at ``imgsz``: what :class:`~.stages.PrepareStep` needs of a
+    model. The engine letterboxes through it, and so do the cluster path's CPU tasks, which never load a model."""
+
+    imgsz: int
+    stride: int = 32
+
+    def prepare(self, pixels: np.ndarray) -> tuple[np.ndarray, Letterbox]:
+        """Letterbox one BGR uint8 image: (pixels on the canvas, the plan)."""
+        plan = plan_letterbox(pixels.shape[0], pixels.shape[1], self.imgsz, self.stride, auto=True)
+        return apply_letterbox(pixels, plan), plan
+
+
 def apply_letterbox(image: np.ndarray, plan: Letterbox, pad_value: int = PAD_VALUE) -> np.ndarray:
     """Resize (bilinear) and pad ``image`` (h, w, 3 uint8) as ``plan`` says."""
     new_h, new_w = plan.resized

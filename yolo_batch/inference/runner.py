@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import logging
@@ -41,8 +40,9 @@ from yolo_batch.inference.sources import discover, relative_names
 from yolo_batch.inference.summary import InferenceSummary
 from yolo_batch.inference.throughput import (
     AUTO_MAX_BATCH,
+    AUTO_SAMPLES,
     ThroughputChoice,
-    measure_engine,
+    measure_prepared,
 )
 from yolo_batch.inference.writers import (
     JournalState,
@@ -55,7 +55,6 @@ from yolo_batch.inference.writers import (
 log = logging.getLogger(__name__)
 
 _DECODER_SAMPLES = 8
-_AUTO_SAMPLES = 8
 THROUGHPUT_PLOT = "throughput.png"  # --batch auto: the measurements, beside summary.json
 
 
@@ -109,19 +108,19 @@ def open_run(config: InferConfig, write_files: bool = True,
     device, _ = inference_device(config.device, None)  # the precision is the runtime choice's
     runtime = resolve_runtime(config.backend, config.precision_request(), device)
     if write_files:
-        _check_output(config, runtime)
+        check_output(config, runtime)
     on_gpu = device.type == "cuda"
     threads, streams = cpu_parallelism(config, on_gpu)
     engine = _open_engine(config, device, runtime, threads, streams)
     if write_files:
-        _clear_output(config)  # only once sources, device, folder and model are known to be good
-        journal, paths, pending = _resume(config, discovery.paths)
+        clear_output(config)  # only once sources, device, folder and model are known to be good
+        journal, paths, pending = resume_journal(config, discovery.paths)
     else:
         journal, paths = JournalState(done=frozenset(), detections=0, dropped_lines=0), list(discovery.paths)
         pending = paths
     try:
         with torch_threads(threads if not on_gpu or config.threads is not None else None):
-            decoder, jpeg = choose_jpeg_decoder(_jpeg_samples(pending))
+            decoder, jpeg = choose_jpeg_decoder(jpeg_samples(pending))
             reader = ImageReader(DecodeLimits(config.max_file_bytes, config.max_pixels), jpeg, config.image_window)
             if pending:
                 _warmup(engine, reader, pending[0])
@@ -130,7 +129,7 @@ def open_run(config: InferConfig, write_files: bool = True,
             if choice is not None and on_batch_choice is not None:
                 on_batch_choice(choice)
             if write_files:
-                _write_manifest(config, runtime)
+                write_manifest(config, runtime)
             yield OpenRun(config=config, engine=engine, reader=reader, device=device, paths=paths, pending=pending,
                           journal=journal, workers=config.workers or default_workers(on_gpu=on_gpu),
                           threads=threads, streams=streams, decoder=decoder,
@@ -195,7 +194,7 @@ def _open_engine(config: InferConfig, device: Any, choice: RuntimeChoice, thread
                        cache=config.export_cache)
 
 
-def _resume(config: InferConfig, discovered: Sequence[str]) -> tuple[JournalState, list[str], list[str]]:
+def resume_journal(config: InferConfig, discovered: Sequence[str]) -> tuple[JournalState, list[str], list[str]]:
     """Read (and repair) what an earlier run of this folder finished: (journal, every path, paths still to do)."""
     out = config.out
     journal = read_journal(out / OutputFile.RESULTS.value)
@@ -223,7 +222,7 @@ def cpu_parallelism(config: InferConfig, on_gpu: bool) -> tuple[int, int]:
     return threads, config.streams or max(1, (os.cpu_count() or 1) // threads)
 
 
-def _clear_output(config: InferConfig) -> None:
+def clear_output(config: InferConfig) -> None:
     """Create the folder; with ``overwrite`` remove our own files from it (never anything else)."""
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
@@ -234,7 +233,7 @@ def _clear_output(config: InferConfig) -> None:
             shutil.rmtree(out / folder.value, ignore_errors=True)
 
 
-def _check_output(config: InferConfig, choice: RuntimeChoice) -> None:
+def check_output(config: InferConfig, choice: RuntimeChoice) -> None:
     """Refuse a file as --out, and a folder holding results made with other settings (unless overwriting)."""
     out = config.out
     if out.exists() and not out.is_dir():
@@ -256,7 +255,7 @@ def _check_output(config: InferConfig, choice: RuntimeChoice) -> None:
                              f"use --overwrite to start fresh, or another --out")
 
 
-def _write_manifest(config: InferConfig, choice: RuntimeChoice) -> None:
+def write_manifest(config: InferConfig, choice: RuntimeChoice) -> None:
     write_json(config.out / OutputFile.MANIFEST.value,
                {"result_settings": config.result_settings(choice.backend, choice.precision),
                 "runtime": choice.to_dict(), "config": config.to_dict()})
@@ -271,7 +270,7 @@ def _warmup(engine: Engine, reader: ImageReader, path: str) -> None:
     engine.warmup(shape)
 
 
-def _jpeg_samples(paths: Sequence[str]) -> list[bytes]:
+def jpeg_samples(paths: Sequence[str]) -> list[bytes]:
     samples: list[bytes] = []
     for path in paths:
         if len(samples) >= _DECODER_SAMPLES:
@@ -291,16 +290,11 @@ def _auto_batch(engine: Engine, reader: ImageReader, paths: Sequence[str], confi
     """Measure on the run's own first images, in their most common letterboxed shape."""
     prepared: list[tuple[np.ndarray, Letterbox]] = []
     for path in paths:
-        if len(prepared) >= _AUTO_SAMPLES:
+        if len(prepared) >= AUTO_SAMPLES:
             break
         try:
             prepared.append(engine.prepare(reader.read(path).pixels))
         except DecodeError:
             continue
-    if not prepared:  # nothing readable: measure on a grey square, the shape every size fits
-        prepared = [engine.prepare(np.full((config.imgsz, config.imgsz, 3), 114, np.uint8))]
-    shape = collections.Counter(plan.out for _, plan in prepared).most_common(1)[0][0]
-    same = [(im, plan) for im, plan in prepared if plan.out == shape]
     max_batch = AUTO_MAX_BATCH.get(device.type, AUTO_MAX_BATCH["cpu"])
-    return measure_engine(engine, [im for im, _ in same], [plan for _, plan in same], max_batch,
-                          config.max_latency_ms)
+    return measure_prepared(engine, prepared, max_batch, config.max_latency_ms)

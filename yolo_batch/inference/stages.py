@@ -28,6 +28,13 @@ from yolo_batch.inference.oom_split import BatchSize, OutOfMemoryAlone, run_with
 from yolo_batch.inference.writers import FailureRecord, ImageRecord
 
 
+class Preparer(Protocol):
+    """What :class:`PrepareStep` needs: letterboxing (an :class:`Engine`, or a model-free
+    :class:`~yolo_batch.inference.letterbox.Letterboxer` in the cluster path's CPU tasks)."""
+
+    def prepare(self, pixels: np.ndarray) -> tuple[np.ndarray, Letterbox]: ...
+
+
 class Backend(Protocol):
     """What the steps need from a model (:class:`yolo_batch.inference.engine.Engine` is one)."""
 
@@ -95,7 +102,7 @@ class StageTimes:
 class PrepareStep:
     """Decoded image -> letterboxed :class:`Prepared` (runs in decode threads; thread-safe)."""
 
-    def __init__(self, backend: Backend, keep_originals: bool = False) -> None:
+    def __init__(self, backend: Preparer, keep_originals: bool = False) -> None:
         self.backend = backend
         self.keep_originals = keep_originals
 

@@ -45,6 +45,7 @@ class InferenceSummary:
     backend: str = "torch"
     runtime: dict[str, Any] = field(default_factory=dict)  # the RuntimeChoice: what was asked, chosen, and why
     export: dict[str, Any] | None = None  # the ExportRecord of an exported runtime
+    cluster: dict[str, Any] | None = None  # --cluster: the cluster, the actor plan and each actor's throughput
 
     @property
     def exit_code(self) -> int:
@@ -64,6 +65,7 @@ class InferenceSummary:
             "oom_events": [e.to_dict() for e in self.oom_events],
             "journal_dropped_lines": self.journal_dropped_lines, "pipeline": self.pipeline,
             "throughput_plot": self.throughput_plot, "exit_code": self.exit_code,
+            **({"cluster": self.cluster} if self.cluster is not None else {}),
         }
 
     def _batch_text(self) -> str:
@@ -95,6 +97,8 @@ class InferenceSummary:
         rows += [("out of memory", f"batch {e.batch} -> {e.new_batch}") for e in self.oom_events]
         if self.export:
             rows.append(("export", _describe_export(self.export)))
+        if self.cluster is not None:
+            rows += _cluster_rows(self.cluster)
         for name, value in rows:
             main.add_row(name, value)
         stages = Table(title="Per-stage time (threads summed)", title_justify="left")
@@ -112,3 +116,16 @@ def _describe_export(export: dict[str, Any]) -> str:
         return f"cached: {export['location']}"
     where = export["location"] if export["cached"] else export["note"]
     return f"exported in {export['seconds']:.1f} s: {where}"
+
+
+def _cluster_rows(cluster: dict[str, Any]) -> list[tuple[str, str]]:
+    """The --cluster rows: the cluster, the actor pool and each actor's own throughput."""
+    size = cluster["resources"]
+    rows = [("cluster", f"{cluster['engine']} {cluster['version']}: {size['nodes']} node(s), {size['cpus']:g} CPU, "
+                        f"{size['gpus']:g} GPU"),
+            ("actors", f"{cluster['plan']['actors']} x ({cluster['plan']['cpus_per_actor']:g} CPU, "
+                       f"{cluster['plan']['gpus_per_actor']:g} GPU): {cluster['plan']['reason']}")]
+    for actor in cluster["per_actor"]:
+        rows.append((f"  actor {actor['actor']}", f"{actor['images']} images, {actor['images_per_s']:.1f} img/s "
+                                                  f"while busy, batch {actor['batch']}"))
+    return rows

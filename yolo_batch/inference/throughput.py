@@ -7,6 +7,7 @@ memory. :func:`choose_throughput_batch` is pure (tested with plain numbers); :fu
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 TOLERANCE = 0.05
 # Largest batch --batch auto explores, by device type: GPUs often keep gaining past 64 (inspection).
 AUTO_MAX_BATCH = MappingProxyType({"cuda": 256, "cpu": 32})
+AUTO_SAMPLES = 8  # a run's first images that --batch auto measures on (local infer, and each cluster actor)
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,18 @@ def measure_engine(engine: Any, letterboxed: Sequence[np.ndarray], plans: Sequen
     samples = measure_throughput(run_batch, candidate_sizes(max_batch), max_latency_ms=max_latency_ms,
                                  memory_budget_bytes=budget, on_oom=engine.release)
     return choose_throughput_batch(samples, max_latency_ms=max_latency_ms, memory_budget_bytes=budget)
+
+
+def measure_prepared(engine: Any, prepared: Sequence[tuple[np.ndarray, Any]], max_batch: int,
+                     max_latency_ms: float | None) -> ThroughputChoice:
+    """``--batch auto`` on a run's own first images (letterboxed, with their plans), in their most common shape; on
+    a grey square of the engine's size when none could be read. Local ``infer`` and each cluster actor call it."""
+    if not prepared:
+        prepared = [engine.prepare(np.full((engine.imgsz, engine.imgsz, 3), 114, np.uint8))]
+    shape = collections.Counter(plan.out for _, plan in prepared).most_common(1)[0][0]
+    same = [(image, plan) for image, plan in prepared if plan.out == shape]
+    return measure_engine(engine, [image for image, _ in same], [plan for _, plan in same], max_batch,
+                          max_latency_ms)
 
 
 def _memory_budget(device: Any) -> int | None:

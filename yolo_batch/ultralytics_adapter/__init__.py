@@ -39,12 +39,14 @@ from yolo_batch.ultralytics_adapter.metrics import mean_average_precision
 from yolo_batch.ultralytics_adapter.mixed_precision import keep_head_fp32
 from yolo_batch.ultralytics_adapter.models import (
     InferenceNetwork,
+    PortableModel,
     check_model_spec,
     detection_model,
     inference_network,
     load_model,
     non_max_suppression,
     parameter_count,
+    portable_model,
     reference_letterbox,
     versions,
 )
@@ -89,6 +91,7 @@ __all__ = [
     "Exported",
     "InferenceNetwork",
     "MissingRequirement",
+    "PortableModel",
     "TrainerCallback",
     "UltralyticsMismatch",
     "WorkerSetup",
@@ -121,6 +124,7 @@ __all__ = [
     "offline",
     "one_line",
     "parameter_count",
+    "portable_model",
     "predict_stream",
     "quiet",
     "reference_letterbox",

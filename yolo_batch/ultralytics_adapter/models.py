@@ -124,6 +124,36 @@ def inference_network(model: Any, device: Any, half: bool, channels_last: bool |
                             channels_last=bool(channels_last))
 
 
+@dataclasses.dataclass(frozen=True)
+class PortableModel:
+    """A model as a .pt file that every process loads to the same weights, with its letterbox stride."""
+
+    path: Path
+    stride: int
+    names: dict[int, str]
+
+
+def portable_model(spec: str, folder: Path) -> PortableModel:
+    """``spec`` as a .pt other processes (cluster actors) load identically; a .pt is used as it is.
+
+    A yaml name has random weights: it is built once here and saved into ``folder``, so that every actor runs the
+    same random weights instead of drawing its own.
+
+    Raises:
+        InputError: unknown or unreadable model.
+    """
+    from yolo_batch.ultralytics_adapter.settings import model_stride
+
+    model = load_model(spec)
+    stride, names = model_stride(model), {int(k): str(v) for k, v in dict(model.names).items()}
+    if Path(spec).suffix == ".pt":
+        return PortableModel(Path(spec), stride, names)
+    target = Path(folder) / (Path(spec).stem + ".pt")
+    with offline():
+        model.save(str(target))
+    return PortableModel(target, stride, names)
+
+
 def non_max_suppression(raw: Any, conf: float, iou: float, classes: Sequence[int] | None, max_det: int,
                         end2end: bool) -> list[Any]:
     """Ultralytics' own NMS with DetectionPredictor's arguments: per image an (n, 6) tensor (xyxy, score, class)."""

@@ -111,6 +111,8 @@ OBJECT_ATTRIBUTES: tuple[Dependency, ...] = (
     Dependency("YOLO.ckpt", "whether the model came from a .pt (its weights go into the probe's model)",
                private=True),
     Dependency("YOLO.model.stride", "the grid multi_scale sizes are rounded to"),
+    Dependency("YOLO.save", "a yaml model saved once as .pt, so every cluster actor runs the same weights"),
+    Dependency("YOLO.names", "class names of a model the driver does not run (infer --cluster)"),
     Dependency("YOLO.task_map", "the task's trainer class, extended for the before-DDP-wrap hook and the "
                                 "controlled trainer"),
     # Read or set when the batch changes during training (trainer_control.py); checked on a live trainer by
