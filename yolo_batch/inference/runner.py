@@ -133,6 +133,8 @@ def open_run(config: InferConfig, write_files: bool = True,
     else:
         journal, paths = JournalState(done=frozenset(), detections=0, dropped_lines=0), list(discovery.paths)
         pending = paths
+        for problem in discovery.problems:  # no errors.jsonl without files: say it here
+            log.warning("%s: %s, its images are not in this run", problem.path, problem.reason)
     try:
         with torch_threads(threads if not on_gpu or config.threads is not None else None):
             decoder, jpeg = choose_jpeg_decoder(_jpeg_samples(pending))
