@@ -170,7 +170,7 @@ def test_unreadable_file(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):  # chmod 0 means nothing to root, which runs these tests in CI
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(decode, "open", refuse, raising=False)
+    monkeypatch.setattr(decode, "open_regular", refuse)
     with pytest.raises(DecodeError, match="permission denied") as info:
         ImageReader(DecodeLimits(1 << 20, 1 << 20)).read(str(path))
     assert info.value.kind.value == "unreadable"

@@ -246,7 +246,7 @@ def test_load_model_rejects_bad_models(spec, message):
 def test_load_model_rejects_a_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "broken.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match="cannot load model"):
+    with pytest.raises(InputError, match="not a PyTorch weights file"):
         ua.load_model(str(bad))
 
 

@@ -7,7 +7,9 @@ it (``name``), so ``--imgsz``, ``YOLO_BATCH_IMGSZ`` and a profile's ``train.imgs
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from yolo_batch.errors import InputError
@@ -108,3 +110,87 @@ def check_window(window: Iterable[float]) -> Window:
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise ValueError(f"a window needs finite low < high, got [{low:g}, {high:g}]")
     return low, high
+
+
+PER_CORE = 4  # decode threads wait on files and torch threads on memory: beyond 4 per core a run only slows down
+MAX_IMGSZ = 8192  # beyond it one image's activations need tens of GB even for the smallest YOLO
+
+
+def parallelism_cap(cpu_count: int | None = None) -> int:
+    """The most workers, threads or streams a run may ask for: :data:`PER_CORE` per core (at least 8)."""
+    cores = cpu_count or os.cpu_count() or 1
+    return max(8, PER_CORE * cores)
+
+
+def check_parallelism(value: Any, name: str, cpu_count: int | None = None) -> int | None:
+    """None (not given), or a count from 1 to :func:`parallelism_cap` (``--workers 100000`` made runs 50-100
+    times slower, never faster)."""
+    if check_optional_count(value, name) is None:
+        return None
+    cores = cpu_count or os.cpu_count() or 1
+    cap = parallelism_cap(cores)
+    if value > cap:
+        raise InputError(f"{name} must be at most {cap} ({PER_CORE} per core, {cores} cores here), got {value}")
+    return int(value)
+
+
+def check_imgsz_bound(value: int, name: str = "imgsz") -> int:
+    """At most :data:`MAX_IMGSZ` (a bound any machine needs; :func:`check_imgsz_fits` adds this machine's)."""
+    if value > MAX_IMGSZ:
+        raise InputError(f"{name} must be at most {MAX_IMGSZ}, got {value}")
+    return value
+
+
+def check_imgsz_fits(imgsz: int, bytes_per_image: int, available: int, where: str, name: str = "imgsz") -> int:
+    """One image at ``imgsz`` (``bytes_per_image``, an estimate) must fit in the memory ``available`` on the
+    device ``where``; the message states the largest size that does."""
+    if bytes_per_image <= available:
+        return imgsz
+    per_pixel = bytes_per_image / (imgsz * imgsz)
+    largest = int(math.sqrt(available / per_pixel)) // STRIDE * STRIDE
+    raise InputError(f"{name} {imgsz} needs about {bytes_per_image / 2**30:.1f} GiB of {where} memory for one image, "
+                     f"{available / 2**30:.1f} GiB available: the bound here is {name} <= {max(largest, 0)}")
+
+
+def check_class_ids_known(values: Iterable[int] | None, class_count: int, name: str = "classes") -> None:
+    """Class ids the model has (an id beyond them would silently keep nothing)."""
+    unknown = sorted({c for c in values or () if c >= class_count})
+    if unknown:
+        raise InputError(f"{name} {','.join(map(str, unknown))}: the model has {class_count} classes "
+                         f"(ids 0-{class_count - 1})")
+
+
+def check_writable_folder(folder: Path, name: str = "--out") -> None:
+    """A folder that exists and is writable, or that can be made: its nearest existing parent is a writable
+    folder. Checked before any work, so a run never dies with a traceback at its first write."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == folder and not folder.is_dir():
+        raise InputError(f"{name} {folder} is a file, not a folder")
+    if not existing.is_dir():
+        raise InputError(f"cannot create {name} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == folder else f" (in {existing})"
+        raise InputError(f"cannot write to {name} {folder}{where}: {_denied(existing)}")
+
+
+def check_writable_entries(folder: Path, files: Iterable[str], folders: Iterable[str] = ()) -> None:
+    """The named files (and sub-folders) of ``folder`` that exist must be of their kind and writable."""
+    for entry, want_dir in [*((f, False) for f in files), *((d, True) for d in folders)]:
+        path = folder / entry
+        if not path.exists():
+            continue
+        if path.is_dir() != want_dir:
+            kind = "a folder, not a file" if path.is_dir() else "a file, not a folder"
+            raise InputError(f"{path} is {kind}: move it away or use another output folder")
+        if not os.access(path, os.W_OK | (os.X_OK if want_dir else 0)):
+            raise InputError(f"cannot write {path}: {_denied(path)}")
+
+
+def _denied(path: Path) -> str:
+    try:
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return "read-only file system" if read_only else "permission denied"

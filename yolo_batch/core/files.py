@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -107,3 +108,32 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: handle.read(_CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class NotRegularFile(OSError):
+    """A FIFO, socket or device where a file was expected (reading one can block forever or never end)."""
+
+
+def open_regular(path: str | Path) -> Any:
+    """Open a regular file for reading in binary mode; anything else raises before a byte is read.
+
+    A FIFO among the images would block ``open()`` itself until a writer appears, so the file is opened
+    non-blocking and its type checked on the open descriptor (no race with a swap between check and open).
+
+    Raises:
+        NotRegularFile: a FIFO, socket or device. IsADirectoryError: a folder. OSError: as ``open`` would.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(21, "is a folder, not a file", str(path))
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+            raise NotRegularFile(f"{kind}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise

@@ -47,17 +47,46 @@ def to_uint8(image: np.ndarray, window: Window | None = None, channels: int | No
     return _channels(image, channels)
 
 
+STRIP_VALUES = 1 << 18  # values converted at a time: 1 MiB of float32, whatever the image's size
+
+
 def _scale(image: np.ndarray, window: Window | None) -> np.ndarray:
-    values = image if image.dtype.kind in "iub" else np.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)
+    """Into a new uint8 array, one strip at a time: a 12,000^2 16-bit RGB image would otherwise make several
+    float32 copies of itself (1.7 GB each), where this needs the 8-bit result and one strip."""
+    flat = image.reshape(-1)  # a view of a decoded (contiguous) image, a copy of a strided one
+    floats = image.dtype.kind == "f"
     if window is not None:
         low, high = check_window(window)
     else:
-        low, high = float(values.min()), float(values.max())
+        low, high = _range(flat, floats)
         if high <= low:  # flat: there is no range to stretch
             value = int(low) >> 8 if image.dtype == np.uint16 else int(np.clip(low, 0, 255))
             return np.full(image.shape, value, np.uint8)
-    scaled = (values.astype(np.float32) - low) * (255.0 / (high - low))
-    return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
+    out = np.empty(flat.shape, np.uint8)
+    gain = 255.0 / (high - low)
+    for start in range(0, flat.size, STRIP_VALUES):
+        strip = _finite(flat[start:start + STRIP_VALUES], floats).astype(np.float32)
+        strip -= low
+        strip *= gain
+        strip += 0.5
+        np.clip(strip, 0, 255, out=strip)
+        out[start:start + STRIP_VALUES] = strip  # float -> uint8 truncates, so +0.5 rounds half up
+    return out.reshape(image.shape)
+
+
+def _finite(values: np.ndarray, floats: bool) -> np.ndarray:
+    # NaN and infinities count as 0, as they did when the whole image was cleaned at once
+    return np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0) if floats else values
+
+
+def _range(flat: np.ndarray, floats: bool) -> tuple[float, float]:
+    if not floats:
+        return float(flat.min()), float(flat.max())
+    low, high = np.inf, -np.inf
+    for start in range(0, flat.size, STRIP_VALUES):
+        strip = _finite(flat[start:start + STRIP_VALUES], floats)
+        low, high = min(low, float(strip.min())), max(high, float(strip.max()))
+    return low, high
 
 
 def _channels(image: np.ndarray, channels: int | None) -> np.ndarray:

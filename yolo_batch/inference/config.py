@@ -12,8 +12,9 @@ from yolo_batch.core.checks import (
     check_class_ids,
     check_count,
     check_imgsz,
+    check_imgsz_bound,
     check_latency_limit,
-    check_optional_count,
+    check_parallelism,
     check_unit_interval,
 )
 from yolo_batch.core.models import DEFAULT_MODEL
@@ -109,13 +110,13 @@ class InferConfig:
             object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
         if not self.sources:
             raise InputError("no SOURCE given: pass a folder, a glob or a text file listing image paths")
-        check_imgsz(self.imgsz)
+        check_imgsz_bound(check_imgsz(self.imgsz))
         check_unit_interval(self.conf, "conf")
         check_unit_interval(self.iou, "iou")
         check_count(self.max_det, "max-det")
         check_class_ids(self.classes)
         for name in ("workers", "threads", "streams"):
-            check_optional_count(getattr(self, name), name)
+            check_parallelism(getattr(self, name), name)
         check_latency_limit(self.max_latency_ms, self.batch.is_auto)
         check_count(self.max_file_bytes, "max file bytes")
         check_count(self.max_pixels, "max pixels")

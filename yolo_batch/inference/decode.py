@@ -6,6 +6,11 @@ Conversions, decided once here:
   sensor image that uses 0..4095 keeps its contrast instead of turning black (Ultralytics keeps the high
   byte, which does that). A flat image becomes its value's high byte.
 * Grey images are repeated into 3 channels; an alpha channel is dropped.
+* Memory: a decode first takes its estimated bytes from the reader's :class:`DecodeMemory` budget (shared
+  by the decode threads), so large images decode one or a few at a time; a deep image is converted to 8 bits
+  in strips (:func:`yolo_batch.core.images.to_uint8`), never as a float copy of the whole image.
+* Only regular files are read: a FIFO, socket or device is a ``not-a-file`` failure (opening a FIFO would
+  block until a writer came, forever in a folder of images).
 * JPEGs use the faster of OpenCV and simplejpeg (both libjpeg-turbo, identical pixels in accurate mode);
   a JPEG with EXIF goes to OpenCV, which applies the EXIF rotation as Ultralytics' reader does.
 """
@@ -23,7 +28,9 @@ import cv2
 import numpy as np
 
 from yolo_batch.core.checks import Window
+from yolo_batch.core.files import NotRegularFile, open_regular
 from yolo_batch.core.images import to_uint8
+from yolo_batch.inference.decode_memory import DecodeMemory, decode_bytes_needed
 from yolo_batch.inference.headers import (
     has_exif,
     image_size,
@@ -39,6 +46,7 @@ class FailureKind(str, Enum):
 
     MISSING = "missing"  # gone before or while the run read it
     UNREADABLE = "unreadable"  # permissions, a folder, an I/O error
+    NOT_A_FILE = "not-a-file"  # a FIFO, socket or device: never read
     EMPTY = "empty"
     TOO_LARGE = "too-large"
     NOT_AN_IMAGE = "not-an-image"
@@ -164,10 +172,13 @@ def jpeg_decoder(name: str) -> JpegDecode:
 class ImageReader:
     """Reads files into :class:`DecodedImage` (thread-safe: it holds no mutable state)."""
 
-    def __init__(self, limits: DecodeLimits, jpeg: JpegDecode = opencv_jpeg, window: Window | None = None) -> None:
+    def __init__(self, limits: DecodeLimits, jpeg: JpegDecode = opencv_jpeg, window: Window | None = None,
+                 decode_memory_bytes: int | None = None, budget: DecodeMemory | None = None) -> None:
         self.limits = limits
         self.jpeg = jpeg
         self.window = window  # 16-bit/float intensity window; None: each image's own min..max
+        # shared by every thread that decodes with this reader; None: half the host memory available now
+        self.budget = budget or DecodeMemory(decode_memory_bytes)
 
     def read(self, path: str) -> DecodedImage:
         """Decode ``path``.
@@ -211,6 +222,10 @@ class ImageReader:
         size = image_size(data, fmt)
         if size is not None:
             self._check_pixels(*size)
+        with self.budget.hold(decode_bytes_needed(data, fmt, size)):
+            return self._decode_format(data, fmt)
+
+    def _decode_format(self, data: bytes, fmt: str) -> tuple[np.ndarray, int]:
         if fmt == "jpeg":
             if not jpeg_complete(data):
                 raise DecodeError(FailureKind.CORRUPT, "truncated JPEG: no end-of-image marker")
@@ -228,7 +243,7 @@ class ImageReader:
 
     def _read_bytes(self, path: str) -> bytes:
         try:
-            with open(path, "rb") as handle:
+            with open_regular(path) as handle:
                 size = handle.seek(0, 2)
                 if size == 0:
                     raise DecodeError(FailureKind.EMPTY, "empty file (0 bytes)")
@@ -243,6 +258,8 @@ class ImageReader:
             raise DecodeError(FailureKind.UNREADABLE, "permission denied") from None
         except IsADirectoryError:
             raise DecodeError(FailureKind.UNREADABLE, "is a folder, not a file") from None
+        except NotRegularFile as exc:
+            raise DecodeError(FailureKind.NOT_A_FILE, f"{exc}: never read (it could block or never end)") from None
         except OSError as exc:
             raise DecodeError(FailureKind.UNREADABLE, f"cannot read: {exc.strerror or exc}") from None
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -15,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from yolo_batch import ultralytics_adapter
-from yolo_batch.core.devices import inference_device, torch_threads
-from yolo_batch.core.files import write_json
+from yolo_batch.core.checks import check_class_ids_known, check_imgsz_fits
+from yolo_batch.core.devices import available_host_bytes, inference_device, torch_threads
+from yolo_batch.core.files import append_lines, open_regular, write_json
+from yolo_batch.core.models import model_fingerprint
 from yolo_batch.core.progress import NullProgress, ProgressReporter
 from yolo_batch.errors import InputError
 from yolo_batch.inference.buckets import NO_PADDING
@@ -33,10 +32,11 @@ from yolo_batch.inference.engine import Engine, NmsSettings
 from yolo_batch.inference.headers import sniff_format
 from yolo_batch.inference.letterbox import Letterbox
 from yolo_batch.inference.oom_split import BatchSize
+from yolo_batch.inference.output import check_output, clear_output, write_manifest
 from yolo_batch.inference.pipeline import Pipeline, Sink
 from yolo_batch.inference.runtimes.choice import RuntimeChoice
 from yolo_batch.inference.runtimes.loader import resolve_runtime
-from yolo_batch.inference.sources import discover, relative_names
+from yolo_batch.inference.sources import Discovery, discover, relative_names
 from yolo_batch.inference.summary import InferenceSummary
 from yolo_batch.inference.throughput import (
     AUTO_MAX_BATCH,
@@ -56,6 +56,10 @@ log = logging.getLogger(__name__)
 
 _DECODER_SAMPLES = 8
 THROUGHPUT_PLOT = "throughput.png"  # --batch auto: the measurements, beside summary.json
+# Host or device bytes one image needs in yolo11n's forward pass, per input pixel (imgsz^2), measured on CPU
+# (peak RSS over the loaded model, batch 1, fp32: see docs/benchmarks.md). Larger models need more, so
+# the bound it gives is the least a run needs: enough to refuse --imgsz 99968 before it exhausts memory.
+FORWARD_BYTES_PER_PIXEL = 100
 
 
 @dataclass
@@ -81,6 +85,7 @@ class OpenRun:
     choice: ThroughputChoice | None
     throughput_plot: Path | None
     runtime: RuntimeChoice
+    skipped: int = 0  # folders that could not be listed (errors.jsonl lines written before the run)
 
     def pipeline(self, sink: Sink, on_progress: Callable[[int, int], None] | None = None,
                  keep_originals: bool | None = None) -> Pipeline:
@@ -103,21 +108,32 @@ def open_run(config: InferConfig, write_files: bool = True,
     Raises:
         InputError: bad sources, model, device, or an output folder holding another configuration's results.
     """
+    from yolo_batch.ultralytics_adapter import check_model_spec
+
     discovery = discover(config.sources)  # before touching --out: bad sources must not create folders
-    ultralytics_adapter.check_model_spec(config.model)  # refused before the runtime choice is logged
+    check_model_spec(config.model)
     device, _ = inference_device(config.device, None)  # the precision is the runtime choice's
+    check_memory_for_imgsz(config.imgsz, device)
     runtime = resolve_runtime(config.backend, config.precision_request(), device)
+    weights = model_fingerprint(config.model)
     if write_files:
-        check_output(config, runtime)
+        check_output(config, runtime, weights)
     on_gpu = device.type == "cuda"
     threads, streams = cpu_parallelism(config, on_gpu)
     engine = _open_engine(config, device, runtime, threads, streams)
+    try:
+        check_class_ids_known(config.classes, len(engine.names))
+    except InputError:
+        engine.release()
+        raise
     if write_files:
         clear_output(config)  # only once sources, device, folder and model are known to be good
-        journal, paths, pending = resume_journal(config, discovery.paths)
+        journal, paths, pending = resume_journal(config, discovery)
     else:
         journal, paths = JournalState(done=frozenset(), detections=0, dropped_lines=0), list(discovery.paths)
         pending = paths
+        for problem in discovery.problems:  # no errors.jsonl without files: say it here
+            log.warning("%s: %s, its images are not in this run", problem.path, problem.reason)
     try:
         with torch_threads(threads if not on_gpu or config.threads is not None else None):
             decoder, jpeg = choose_jpeg_decoder(jpeg_samples(pending))
@@ -129,12 +145,12 @@ def open_run(config: InferConfig, write_files: bool = True,
             if choice is not None and on_batch_choice is not None:
                 on_batch_choice(choice)
             if write_files:
-                write_manifest(config, runtime)
+                write_manifest(config, runtime, weights)
             yield OpenRun(config=config, engine=engine, reader=reader, device=device, paths=paths, pending=pending,
                           journal=journal, workers=config.workers or default_workers(on_gpu=on_gpu),
                           threads=threads, streams=streams, decoder=decoder,
                           batch_size=BatchSize(choice.batch if choice else config.batch.fixed or 1), choice=choice,
-                          throughput_plot=plot, runtime=runtime)
+                          throughput_plot=plot, runtime=runtime, skipped=len(discovery.problems))
     finally:
         engine.release()
 
@@ -163,7 +179,7 @@ def run_inference(config: InferConfig, progress: ProgressReporter | None = None,
     paths, pending, batch_size = run.paths, run.pending, run.batch_size
     summary = InferenceSummary(
         out_dir=str(config.out), images_total=len(paths), done_before=len(paths) - len(pending),
-        processed=stats.images if stats else 0, failed=stats.failed if stats else 0,
+        processed=stats.images if stats else 0, failed=(stats.failed if stats else 0) + run.skipped,
         detections=stats.detections if stats else 0, wall_s=time.perf_counter() - start,
         images_per_s=stats.images / stats.wall_s if stats and stats.wall_s else 0.0,
         stage_s=dict(stats.stage_s) if stats else {}, batch=batch_size(), device=str(run.device),
@@ -194,16 +210,33 @@ def _open_engine(config: InferConfig, device: Any, choice: RuntimeChoice, thread
                        cache=config.export_cache)
 
 
-def resume_journal(config: InferConfig, discovered: Sequence[str]) -> tuple[JournalState, list[str], list[str]]:
-    """Read (and repair) what an earlier run of this folder finished: (journal, every path, paths still to do)."""
+def resume_journal(config: InferConfig, discovery: Discovery) -> tuple[JournalState, list[str], list[str]]:
+    """Read (and repair) what an earlier run of this folder finished: (journal, every path, paths still to do).
+
+    errors.jsonl starts afresh (earlier failures are retried) with the folders discovery could not list.
+    """
     out = config.out
     journal = read_journal(out / OutputFile.RESULTS.value)
     if OutputFormat.CSV in config.formats:
         repair_csv(out / OutputFile.CSV.value, journal.done)
-    (out / OutputFile.ERRORS.value).unlink(missing_ok=True)  # earlier failures are retried
+    (out / OutputFile.ERRORS.value).unlink(missing_ok=True)
+    if discovery.problems:
+        with open(out / OutputFile.ERRORS.value, "a", encoding="utf-8") as handle:
+            append_lines(handle, (p.to_dict() for p in discovery.problems))
     own = os.path.abspath(out) + os.sep  # never read our own annotated copies back as inputs
-    paths = [p for p in discovered if not p.startswith(own)]
+    paths = [p for p in discovery.paths if not p.startswith(own)]
     return journal, paths, [p for p in paths if p not in journal.done]
+
+
+def check_memory_for_imgsz(imgsz: int, device: Any) -> None:
+    """Refuse an --imgsz whose single-image forward pass cannot fit in the device's (or host's) memory now."""
+    if device.type == "cuda":
+        import torch
+
+        available, where = torch.cuda.mem_get_info(device)[0], f"GPU {device.index or 0}"
+    else:
+        available, where = available_host_bytes(), "host"
+    check_imgsz_fits(imgsz, imgsz * imgsz * FORWARD_BYTES_PER_PIXEL, available, where)
 
 
 def cpu_parallelism(config: InferConfig, on_gpu: bool) -> tuple[int, int]:
@@ -222,45 +255,6 @@ def cpu_parallelism(config: InferConfig, on_gpu: bool) -> tuple[int, int]:
     return threads, config.streams or max(1, (os.cpu_count() or 1) // threads)
 
 
-def clear_output(config: InferConfig) -> None:
-    """Create the folder; with ``overwrite`` remove our own files from it (never anything else)."""
-    out = config.out
-    out.mkdir(parents=True, exist_ok=True)
-    if config.overwrite:
-        for name in (OutputFile.RESULTS, OutputFile.ERRORS, OutputFile.CSV, OutputFile.SUMMARY, OutputFile.MANIFEST):
-            (out / name.value).unlink(missing_ok=True)
-        for folder in (OutputFile.LABELS, OutputFile.ANNOTATED):
-            shutil.rmtree(out / folder.value, ignore_errors=True)
-
-
-def check_output(config: InferConfig, choice: RuntimeChoice) -> None:
-    """Refuse a file as --out, and a folder holding results made with other settings (unless overwriting)."""
-    out = config.out
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a folder")
-    if config.overwrite:
-        return
-    manifest = out / OutputFile.MANIFEST.value
-    if manifest.exists():
-        try:
-            before = json.loads(manifest.read_text()).get("result_settings")
-        except ValueError:
-            before = None
-        now = config.result_settings(choice.backend, choice.precision)
-        # A manifest from before backends were recorded holds torch results; it lacks the key, so it is not compared.
-        changed = ", ".join(f"{k} {before[k]!r} -> {now[k]!r}" for k in now
-                            if before is not None and k in before and before[k] != now[k])
-        if changed:
-            raise InputError(f"{out} holds results made with other settings ({changed}): "
-                             f"use --overwrite to start fresh, or another --out")
-
-
-def write_manifest(config: InferConfig, choice: RuntimeChoice) -> None:
-    write_json(config.out / OutputFile.MANIFEST.value,
-               {"result_settings": config.result_settings(choice.backend, choice.precision),
-                "runtime": choice.to_dict(), "config": config.to_dict()})
-
-
 def _warmup(engine: Engine, reader: ImageReader, path: str) -> None:
     """One untimed forward pass in the first image's shape (cuDNN/oneDNN set-up is not the pipeline's cost)."""
     try:
@@ -276,7 +270,7 @@ def jpeg_samples(paths: Sequence[str]) -> list[bytes]:
         if len(samples) >= _DECODER_SAMPLES:
             break
         try:
-            with open(path, "rb") as handle:
+            with open_regular(path) as handle:  # a FIFO would block open() itself
                 data = handle.read(64 << 20)
         except OSError:  # the pipeline reports it properly
             continue

@@ -2,6 +2,12 @@
 
 The order is stable (sorted within a folder or glob, as written within a list file) and every path is
 absolute, so a rerun of the same command names each image the same way and resume can match them.
+
+Nothing is skipped without a word. Symlinked folders are followed (a dataset assembled from links is
+common), each real folder once: a link back to a folder already on the way (a loop) or a second route to one
+already walked is passed over with a log line, since its images are found through the first route. A
+subfolder that cannot be listed is a :class:`Skipped` entry, which the run writes to errors.jsonl (its images
+are lost to the run, so it counts as a failure); a source folder that cannot be listed is refused.
 """
 
 from __future__ import annotations
@@ -23,11 +29,26 @@ _GLOB_CHARS = frozenset("*?[")
 
 
 @dataclass(frozen=True)
+class Skipped:
+    """A folder whose images the run cannot see (the ``kind`` and ``reason`` of its errors.jsonl line)."""
+
+    path: str
+    kind: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "kind": self.kind, "reason": self.reason}
+
+
+@dataclass(frozen=True)
 class Discovery:
-    """The images found, and how many files were passed over for their extension."""
+    """The images found, folders that could not be listed, and how many files were passed over for their
+    extension."""
 
     paths: tuple[str, ...]
     skipped_other: int = 0
+    problems: tuple[Skipped, ...] = ()
+    repeats: tuple[str, ...] = ()  # symlinked folders not walked again (loops, second routes)
 
 
 def is_image_name(path: str | Path) -> bool:
@@ -46,11 +67,13 @@ def discover(sources: Sequence[str | Path]) -> Discovery:
     """
     found: dict[str, None] = {}
     skipped = 0
+    walks: list[_Walk] = []
     for source in sources:
         text = str(source)
         path = Path(text).expanduser()
         if path.is_dir():
-            paths, other = _walk(path)
+            walks.append(_walk(path))
+            paths, other = walks[-1].images, walks[-1].other
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
             paths, other = _read_list(path), 0
         elif path.is_file():
@@ -71,7 +94,12 @@ def discover(sources: Sequence[str | Path]) -> Discovery:
                          f"(extensions: {', '.join(sorted(IMAGE_SUFFIXES))})")
     if skipped:
         log.info("passed over %d file(s) without an image extension", skipped)
-    return Discovery(paths=tuple(found), skipped_other=skipped)
+    problems = tuple(p for w in walks for p in w.problems)
+    repeats = tuple(r for w in walks for r in w.repeats)
+    if repeats:
+        log.warning("followed symlinked folders once each: passed over %d link(s) to a folder already walked "
+                    "(%s)", len(repeats), ", ".join(repeats[:3]) + (", ..." if len(repeats) > 3 else ""))
+    return Discovery(paths=tuple(found), skipped_other=skipped, problems=problems, repeats=repeats)
 
 
 def _absolute(path: Path) -> str:
@@ -79,18 +107,41 @@ def _absolute(path: Path) -> str:
     return os.path.abspath(path)
 
 
-def _walk(folder: Path) -> tuple[list[str], int]:
-    images: list[str] = []
-    other = 0
-    for root, dirs, files in os.walk(folder, followlinks=False):
+@dataclass
+class _Walk:
+    images: list[str]
+    other: int
+    problems: list[Skipped]
+    repeats: list[str]
+
+
+def _walk(folder: Path) -> _Walk:
+    """Every image under ``folder``, following symlinked folders, each real folder once."""
+    walk = _Walk(images=[], other=0, problems=[], repeats=[])
+    top = os.path.abspath(folder)
+
+    def unlisted(exc: OSError) -> None:
+        reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
+        if os.path.abspath(exc.filename or top) == top:
+            raise InputError(f"cannot read folder {folder}: {reason}")
+        walk.problems.append(Skipped(os.path.abspath(exc.filename), "unreadable", f"cannot list folder: {reason}"))
+
+    walked = {os.path.realpath(top)}
+    for root, dirs, files in os.walk(top, onerror=unlisted, followlinks=True):
         dirs.sort()
+        for name in list(dirs):
+            real = os.path.realpath(os.path.join(root, name))
+            if real in walked:  # a loop, or a second route to a folder: its images come through the first
+                dirs.remove(name)
+                walk.repeats.append(os.path.join(root, name))
+            walked.add(real)
         for name in sorted(files):
             if is_image_name(name):
-                images.append(_absolute(Path(root) / name))
+                walk.images.append(os.path.join(root, name))  # abspath already: top is absolute
             else:
-                other += 1
-    images.sort()
-    return images, other
+                walk.other += 1
+    walk.images.sort()
+    return walk
 
 
 def _read_list(list_file: Path) -> list[str]:

@@ -9,6 +9,7 @@ and the image is simply processed again. CSV rows whose image has no journal lin
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
 import json
@@ -149,6 +150,7 @@ class ResultWriter:
         self.formats = frozenset(formats)
         self.save_annotated = save_annotated
         self.relative = relative
+        self.labels = label_names(relative)
         self._results: IO[str] | None = None
         self._errors: IO[str] | None = None
         self._csv: IO[str] | None = None
@@ -196,9 +198,8 @@ class ResultWriter:
         self._errors.write(json.dumps(failure.to_dict()) + "\n")
         self._errors.flush()
 
-    def _target(self, folder: OutputFile, path: str, suffix: str | None = None) -> Path:
-        name = Path(self.relative.get(path, os.path.basename(path)))
-        target = self.out_dir / folder.value / (name.with_suffix(suffix) if suffix else name)
+    def _target(self, folder: OutputFile, name: str) -> Path:
+        target = self.out_dir / folder.value / name
         target.parent.mkdir(parents=True, exist_ok=True)
         return target
 
@@ -209,12 +210,30 @@ class ResultWriter:
             cx, cy = (x1 + x2) / 2 / record.width, (y1 + y2) / 2 / record.height
             w, h = (x2 - x1) / record.width, (y2 - y1) / record.height
             lines.append(f"{d.class_id} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f} {d.confidence:.6f}\n")
-        self._target(OutputFile.LABELS, record.path, ".txt").write_text("".join(lines))
+        name = self.labels.get(record.path) or label_names({record.path: os.path.basename(record.path)})[record.path]
+        self._target(OutputFile.LABELS, name).write_text("".join(lines))
 
     def _write_annotated(self, record: ImageRecord, image: np.ndarray) -> None:
-        target = self._target(OutputFile.ANNOTATED, record.path)
-        if not cv2.imwrite(str(target), draw_detections(image, record.detections)):
-            cv2.imwrite(str(target.with_suffix(".png")), draw_detections(image, record.detections))
+        target = self._target(OutputFile.ANNOTATED, self.relative.get(record.path, os.path.basename(record.path)))
+        drawn = draw_detections(image, record.detections)
+        if not cv2.imwrite(str(target), drawn):
+            # a format OpenCV cannot write: PNG under the full name, so x.webp never replaces a source's own x.png
+            cv2.imwrite(str(target.with_name(target.name + ".png")), drawn)
+
+
+def label_names(relative: Mapping[str, str]) -> dict[str, str]:
+    """Each image's name under labels/: its relative name with ``.txt`` for its extension (YOLO's layout), or,
+    where images in one folder share a stem (``x.jpg`` and ``x.png``), the full name plus ``.txt``
+    (``x.jpg.txt``, ``x.png.txt``) for each of them, so no label file replaces another. Names are compared
+    without case: on a case-insensitive disk ``X.txt`` and ``x.txt`` are one file."""
+    full = {path: name + ".txt" for path, name in relative.items()}  # unique, as the relative names are
+    names = {path: str(Path(name).with_suffix(".txt")) for path, name in relative.items()}
+    while True:  # each round moves at least one clashing name to its full form, which cannot clash again
+        count = collections.Counter(n.casefold() for n in names.values())
+        clashing = [p for p, n in names.items() if count[n.casefold()] > 1 and n != full[p]]
+        if not clashing:
+            return names
+        names.update({p: full[p] for p in clashing})
 
 
 def _csv_rows(record: ImageRecord) -> list[list[Any]]:

@@ -11,6 +11,8 @@ import copy
 import dataclasses
 import pickle
 import platform
+import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ def load_model(spec: str) -> Any:
         except FileNotFoundError:
             raise InputError(f"unknown model '{spec}': no such Ultralytics yaml or file") from None
         except (RuntimeError, KeyError, TypeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as exc:
-            raise InputError(f"cannot load model '{spec}': {one_line(exc)}") from None
+            raise InputError(f"cannot load model '{spec}': {without_download_advice(one_line(exc))}") from None
     if model.task != "detect":
         raise InputError(f"model '{spec}' is a {model.task} model; yolo-batch trains detection models")
     return model
@@ -48,8 +50,39 @@ def check_model_spec(spec: str) -> None:
     if path.suffix == ".pt":
         if not path.is_file():
             raise InputError(f"model file not found: {spec} (weights are never downloaded; pass a local .pt)")
+        check_weights_file(path)
     elif path.suffix not in {".yaml", ".yml"}:
         raise InputError(f"unknown model '{spec}': use an Ultralytics yaml name such as yolo11n.yaml or a local .pt")
+
+
+_TORCH_SAVE_STARTS = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; the older pickle format
+
+
+def check_weights_file(path: Path) -> None:
+    """A .pt must look like what ``torch.save`` writes before anything loads or exports it: Ultralytics'
+    own error for a text file or a truncated archive recommends a command that downloads weights.
+
+    Raises:
+        InputError: a file that is not a PyTorch checkpoint, or a zip archive that is cut short.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as exc:
+        raise InputError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+    if not head.startswith(_TORCH_SAVE_STARTS):
+        raise InputError(f"{path} is not a PyTorch weights file (torch.save writes a zip archive; this file "
+                         f"starts with {head!r}): pass a .pt saved by Ultralytics")
+    if head.startswith(b"PK"):
+        try:
+            zipfile.ZipFile(path).close()  # reads the central directory at the end: a cut-short file fails here
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise InputError(f"{path} is a damaged weights file (truncated or corrupt archive: {exc})") from None
+
+
+def without_download_advice(message: str) -> str:
+    """An Ultralytics load error without its advice to download weights (nothing is downloaded here)."""
+    return re.split(r"\s*Recommended fixes", message)[0].strip() or message
 
 
 def detection_model(model: Any, nc: int, hyp: Mapping[str, Any]) -> Any:

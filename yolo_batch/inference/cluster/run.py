@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 
 from yolo_batch import ultralytics_adapter
+from yolo_batch.core.checks import check_class_ids_known
 from yolo_batch.core.files import sha256_file, write_json
+from yolo_batch.core.models import model_fingerprint
 from yolo_batch.core.progress import PLAIN_EVERY_S, NullProgress, ProgressReporter
 from yolo_batch.inference.buckets import NO_PADDING, PaddingStats
 from yolo_batch.inference.cluster.plan import (
@@ -42,8 +44,9 @@ from yolo_batch.inference.decode import DecodeLimits, DecoderChoice, choose_jpeg
 from yolo_batch.inference.detections import Detections
 from yolo_batch.inference.engine import NmsSettings
 from yolo_batch.inference.oom_split import OomEvent
+from yolo_batch.inference.output import check_output, clear_output, write_manifest
 from yolo_batch.inference.pipeline import Sink
-from yolo_batch.inference.runner import check_output, clear_output, jpeg_samples, resume_journal, write_manifest
+from yolo_batch.inference.runner import jpeg_samples, resume_journal
 from yolo_batch.inference.runtimes.choice import RuntimeChoice
 from yolo_batch.inference.sources import discover, relative_names
 from yolo_batch.inference.summary import InferenceSummary
@@ -182,15 +185,17 @@ def open_cluster_run(config: InferConfig, cluster: ClusterConfig, write_files: b
     discovery = discover(config.sources)
     with tempfile.TemporaryDirectory(prefix="yolo-batch-cluster-") as scratch:
         model = ultralytics_adapter.portable_model(config.model, Path(scratch))
+        check_class_ids_known(config.classes, len(model.names))
+        weights = model_fingerprint(config.model)  # what local infer records, so either may resume the other
         with ray_backend.connect(cluster) as session:
             resources = session.resources()
             plan = plan_cluster(resources, cluster, config.device, config.threads, config.batch.fixed, AUTO_MAX_BATCH)
             runtime = session.resolve_runtime(plan, config.backend, config.precision_request())
             if write_files:
-                check_output(config, runtime)
+                check_output(config, runtime, weights)
                 clear_output(config)
-                journal, paths, pending = resume_journal(config, discovery.paths)
-                write_manifest(config, runtime)
+                journal, paths, pending = resume_journal(config, discovery)
+                write_manifest(config, runtime, weights)
             else:
                 journal, paths = JournalState(done=frozenset(), detections=0, dropped_lines=0), list(discovery.paths)
                 pending = paths
