@@ -21,9 +21,10 @@ from yolo_batch.core.checks import (
     check_class_ids,
     check_count,
     check_imgsz,
+    check_imgsz_bound,
     check_latency_limit,
     check_number,
-    check_optional_count,
+    check_parallelism,
     check_unit_interval,
     parse_class_ids,
 )
@@ -126,8 +127,8 @@ class ServeConfig:
                      "max_connections"):
             check_count(getattr(self, name), name.replace("_", "-"))
         for name in ("workers", "threads", "streams"):
-            check_optional_count(getattr(self, name), name)
-        check_imgsz(self.imgsz)
+            check_parallelism(getattr(self, name), name)  # the same caps as infer
+        check_imgsz_bound(check_imgsz(self.imgsz))
         check_unit_interval(self.conf, "conf")
         check_unit_interval(self.iou, "iou")
         if (self.watch is None) != (self.out is None):
