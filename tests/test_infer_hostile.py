@@ -11,7 +11,7 @@ import sys
 import tempfile
 import tracemalloc
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from inference_fixtures import detector, image_folder  # noqa: F401 (fixtures)
+from unprivileged import as_nobody, refusal_as_nobody
 
 from yolo_batch.cli import main
 from yolo_batch.core.images import to_uint8
-from yolo_batch.errors import InputError
 from yolo_batch.inference.decode import DecodeError, DecodeLimits, FailureKind, ImageReader
 from yolo_batch.inference.sources import discover
 
@@ -50,39 +50,6 @@ def journal(out: Path) -> list[dict]:
 def errors(out: Path) -> list[dict]:
     path = out / "errors.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def as_nobody(fn: Callable[[], Any]) -> Any:
-    """``fn()`` as an unprivileged user: root reads and writes through permission bits, users do not.
-
-    Forked, so the child shares the imported modules; the result comes back as JSON through a pipe.
-    """
-    if os.geteuid() != 0:
-        return fn()
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover (the child)
-        status = 1
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            payload = json.dumps({"value": fn()})
-            status = 0
-        except BaseException as exc:  # noqa: BLE001 (reported to the parent, which fails the test)
-            payload = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
-        try:
-            with os.fdopen(write_end, "w") as handle:
-                handle.write(payload)
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end) as handle:
-        answer = json.loads(handle.read() or '{"error": "no answer"}')
-    os.waitpid(pid, 0)
-    assert "error" not in answer, answer["error"]
-    return answer["value"]
 
 
 @pytest.fixture
@@ -271,18 +238,6 @@ def test_results_journal_that_is_a_folder_is_one_line(image_folder, tmp_path):
     (out / "results.jsonl").mkdir(parents=True)
     (out / "run.json").write_text("{}")
     one_line_exit_2(infer(str(image_folder), *FAST, "--out", str(out)), "results.jsonl", "folder")
-
-
-def refusal_as_nobody(check: Callable[[], Any]) -> str:
-    """The InputError message ``check()`` raises as 'nobody' ('' when it raises none)."""
-    def run() -> str:
-        try:
-            check()
-        except InputError as exc:
-            return str(exc)
-        return ""
-
-    return as_nobody(run)
 
 
 @pytest.mark.parametrize("layout, words", [

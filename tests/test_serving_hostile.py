@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from serving_fixtures import FakeBackend, LiveServer, fake_config, until
+from unprivileged import as_nobody
 
 from yolo_batch.cli import main
 from yolo_batch.errors import InputError
@@ -112,32 +113,17 @@ def test_an_unusable_hot_folder_is_one_line_and_exit_2_before_the_model_loads(tm
 
 
 def _served_as_another_user(watch: Path, out: Path, locked: Path) -> tuple[str | None, bool]:
-    """serve() in a child process that cannot write ``locked``: (its InputError line, whether the model loaded)."""
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:
-        code = 0
+    """serve() as a user who cannot write ``locked``: (its InputError line, whether the model loaded)."""
+    def refused() -> list:
+        loaded: list = []
         try:
-            os.close(read_end)
-            if os.geteuid() == 0:  # root writes anywhere: become nobody, the owner of all but ``locked``
-                os.setgid(65534)
-                os.setuid(65534)
-            loaded = []
-            try:
-                serve(fake_config(watch=watch, out=out), lambda c: loaded.append(c) or FakeBackend(c))
-            except InputError as exc:
-                os.write(write_end, f"{int(bool(loaded))}{exc}".encode())
-                code = 3
-        except BaseException:  # noqa: BLE001 (anything else must fail the test, not leave a second pytest)
-            code = 4
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as reader:
-        message = reader.read().decode()
-    _, status = os.waitpid(child, 0)
-    assert os.waitstatus_to_exitcode(status) == 3, "serve() did not refuse the folder with an InputError"
-    return message[1:], message[:1] == "1"
+            serve(fake_config(watch=watch, out=out), lambda c: loaded.append(c) or FakeBackend(c))
+        except InputError as exc:
+            return [str(exc), bool(loaded)]
+        raise AssertionError("serve() did not refuse the folder with an InputError")
+
+    message, loaded = as_nobody(refused)
+    return message, loaded
 
 
 @pytest.mark.parametrize("locked", ["in", "out"])

@@ -22,9 +22,9 @@ import pytest
 from click.testing import CliRunner
 from inference_fixtures import bccd_images, detector  # noqa: F401 (fixtures)
 from serving_fixtures import free_port, parse_metrics, until, wait_for_status
+from unprivileged import refusal_as_nobody
 
 from yolo_batch.cli import main
-from yolo_batch.errors import InputError
 from yolo_batch.serving.server import check_hot_folder_access
 
 
@@ -203,39 +203,8 @@ def test_bench_serve_reports_throughput_latency_batches_and_the_offline_ratio(de
 
 
 def _checked_as_another_user(watch: Path, out: Path) -> str | None:
-    """check_hot_folder_access's one line (None: passed) in a process that is not root where the test is.
-
-    root passes every access check, so as root the check runs in a child switched to uid/gid 65534.
-    """
-    if os.geteuid() != 0:
-        try:
-            check_hot_folder_access(watch, out)
-        except InputError as exc:
-            return str(exc)
-        return None
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover (the child reports through the pipe and never returns)
-        code = 0
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            check_hot_folder_access(watch, out)
-        except InputError as exc:
-            os.write(write_end, str(exc).encode())
-            code = 3
-        except BaseException:  # noqa: BLE001 (anything else must fail the test, not leave a second pytest)
-            code = 4
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as reader:
-        message = reader.read().decode()
-    _, status = os.waitpid(child, 0)
-    assert os.waitstatus_to_exitcode(status) in (0, 3), "the check failed in the child"
-    return message or None
+    """check_hot_folder_access's one line (None: passed) as a user who is not root."""
+    return refusal_as_nobody(lambda: check_hot_folder_access(watch, out)) or None
 
 
 @pytest.mark.parametrize("locked, expected", [

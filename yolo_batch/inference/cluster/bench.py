@@ -21,6 +21,7 @@ from rich.table import Table
 
 from yolo_batch import ultralytics_adapter
 from yolo_batch.errors import InputError
+from yolo_batch.inference.bench import best_rounds
 from yolo_batch.inference.cluster.plan import ClusterConfig
 from yolo_batch.inference.config import InferConfig
 from yolo_batch.inference.runner import run_inference
@@ -50,11 +51,7 @@ class ClusterBenchReport:
     same_results: bool  # every image has the same detections on both paths
 
     def best(self) -> dict[str, ClusterBenchRun]:
-        out: dict[str, ClusterBenchRun] = {}
-        for run in self.runs:
-            if run.method not in out or run.images_per_s > out[run.method].images_per_s:
-                out[run.method] = run
-        return out
+        return best_rounds(self.runs)
 
     def ratios(self) -> dict[str, float]:
         """The cluster path over local infer: img/s (best rounds) and wall time (best rounds)."""
