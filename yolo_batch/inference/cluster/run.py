@@ -27,8 +27,8 @@ import numpy as np
 
 from yolo_batch import ultralytics_adapter
 from yolo_batch.core.checks import check_class_ids_known
-from yolo_batch.core.files import sha256_file, write_json
-from yolo_batch.core.models import model_fingerprint
+from yolo_batch.core.files import write_json
+from yolo_batch.core.models import content_sha256, model_fingerprint
 from yolo_batch.core.progress import PLAIN_EVERY_S, NullProgress, ProgressReporter
 from yolo_batch.inference.buckets import NO_PADDING, PaddingStats
 from yolo_batch.inference.cluster.plan import (
@@ -296,7 +296,7 @@ def _spec(config: InferConfig, plan: ClusterPlan, runtime: Any, model: Any, jpeg
         window=config.image_window, jpeg=jpeg, keep_originals=config.save_annotated, runtime=runtime,
         nms=NmsSettings(config.conf, config.iou, config.max_det, config.classes), batch=config.batch.fixed,
         max_batch=plan.rows_per_call, max_latency_ms=config.max_latency_ms, threads=config.threads or 1,
-        device=plan.device, use_cache=config.use_cache, model_sha256=sha256_file(model.path))
+        device=plan.device, use_cache=config.use_cache, model_sha256=content_sha256(model.path))
 
 
 def _stream(run: ClusterRun, config: InferConfig, progress: ProgressReporter, note: Note

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from yolo_batch.core.files import sha256_file
+from yolo_batch.core.models import content_sha256
 from yolo_batch.inference.runtimes.base import ModelInfo, Runtime
 from yolo_batch.inference.runtimes.cache import CacheEntry, ExportCache, export_key
 from yolo_batch.inference.runtimes.choice import EXTRAS, RuntimeChoice, choose_runtime
@@ -91,7 +91,7 @@ def open_runtime(model: str, device: Any, choice: RuntimeChoice, imgsz: int, max
     ultralytics_adapter.check_model_spec(model)  # a missing .pt is one line, before it is hashed
     half = choice.precision == "fp16" and choice.backend != "openvino"  # OpenVINO picks its precision when compiling
     key = export_key(
-        weights_sha256=sha256_file(model) if Path(model).suffix == ".pt" else "",
+        weights_sha256=content_sha256(Path(model)) if Path(model).suffix == ".pt" else "",
         imgsz=imgsz, precision="fp16" if half else "fp32",
         batch=f"1-{max_batch}" if choice.backend == "tensorrt" else "dynamic", runtime=choice.backend,
         runtime_version=choice.version, device=_device_key(device, choice.backend), ultralytics=_ultralytics_version())
