@@ -126,14 +126,7 @@ def open_run(config: InferConfig, write_files: bool = True,
     except InputError:
         engine.release()
         raise
-    if write_files:
-        clear_output(config)  # only once sources, device, folder and model are known to be good
-        journal, paths, pending = resume_journal(config, discovery)
-    else:
-        journal, paths = JournalState(done=frozenset(), detections=0, dropped_lines=0), list(discovery.paths)
-        pending = paths
-        for problem in discovery.problems:  # no errors.jsonl without files: say it here
-            log.warning("%s: %s, its images are not in this run", problem.path, problem.reason)
+    journal, paths, pending = start_journal(config, discovery, write_files)
     try:
         with torch_threads(threads if not on_gpu or config.threads is not None else None):
             decoder, jpeg = choose_jpeg_decoder(jpeg_samples(pending))
@@ -208,6 +201,21 @@ def _open_engine(config: InferConfig, device: Any, choice: RuntimeChoice, thread
                        NmsSettings(config.conf, config.iou, config.max_det, config.classes), max_batch=max_batch,
                        streams=streams, threads=threads, use_cache=config.use_cache, on_export=log.warning,
                        cache=config.export_cache)
+
+
+def start_journal(config: InferConfig, discovery: Discovery, write_files: bool
+                  ) -> tuple[JournalState, list[str], list[str]]:
+    """(journal, every path, paths still to do) for a run whose sources, model and folder are known to be good.
+
+    With ``write_files`` the folder is created (cleared on ``--overwrite``) and its journal resumed; without, every
+    image is pending and the folders discovery could not list are logged (there is no errors.jsonl to hold them).
+    """
+    if write_files:
+        clear_output(config)
+        return resume_journal(config, discovery)
+    for problem in discovery.problems:
+        log.warning("%s: %s, its images are not in this run", problem.path, problem.reason)
+    return JournalState(done=frozenset(), detections=0, dropped_lines=0), list(discovery.paths), list(discovery.paths)
 
 
 def resume_journal(config: InferConfig, discovery: Discovery) -> tuple[JournalState, list[str], list[str]]:

@@ -44,9 +44,9 @@ from yolo_batch.inference.decode import DecodeLimits, DecoderChoice, choose_jpeg
 from yolo_batch.inference.detections import Detections
 from yolo_batch.inference.engine import NmsSettings
 from yolo_batch.inference.oom_split import OomEvent
-from yolo_batch.inference.output import check_output, clear_output, write_manifest
+from yolo_batch.inference.output import check_output, write_manifest
 from yolo_batch.inference.pipeline import Sink
-from yolo_batch.inference.runner import jpeg_samples, resume_journal
+from yolo_batch.inference.runner import jpeg_samples, start_journal
 from yolo_batch.inference.runtimes.choice import RuntimeChoice
 from yolo_batch.inference.sources import discover, relative_names
 from yolo_batch.inference.summary import InferenceSummary
@@ -193,12 +193,9 @@ def open_cluster_run(config: InferConfig, cluster: ClusterConfig, write_files: b
             runtime = session.resolve_runtime(plan, config.backend, config.precision_request())
             if write_files:
                 check_output(config, runtime, weights)
-                clear_output(config)
-                journal, paths, pending = resume_journal(config, discovery)
+            journal, paths, pending = start_journal(config, discovery, write_files)
+            if write_files:
                 write_manifest(config, runtime, weights)
-            else:
-                journal, paths = JournalState(done=frozenset(), detections=0, dropped_lines=0), list(discovery.paths)
-                pending = paths
             decoder, _ = choose_jpeg_decoder(jpeg_samples(pending))
             if note is not None:
                 note(f"ray {session.version}: {resources.nodes} node(s), {resources.cpus:g} CPU, "
