@@ -204,3 +204,30 @@ def test_bench_infer_cluster_reports_local_and_ray_on_the_same_images(ray_addres
     assert set(report["images_per_s"]) == {"local infer", "ray infer"} and all(report["images_per_s"].values())
     assert set(report["ratios"]) == {"ray_over_local_images_per_s", "ray_over_local_wall"}
     assert [r["images"] for r in report["runs"]] == [8, 8] and report["cluster"]["plan"]["actors"] == 1
+
+
+def test_a_folder_that_could_not_be_listed_counts_as_failed_as_in_local_infer(ray_address, detector, tmp_path,
+                                                                              monkeypatch):
+    """Discovery's unlisted folders are errors.jsonl lines and failures (exit 3) on both paths. (root lists any
+    folder, so discovery is given one it could not list.)"""
+    import dataclasses
+
+    from yolo_batch.inference import runner
+    from yolo_batch.inference.cluster import run as cluster_run
+    from yolo_batch.inference.sources import Skipped
+
+    many_images(tmp_path / "src", 3)
+    locked = Skipped(str(tmp_path / "src" / "locked"), "unreadable", "cannot list folder: permission denied")
+    real = runner.discover
+
+    def discover(sources):
+        return dataclasses.replace(real(sources), problems=(locked,))
+
+    monkeypatch.setattr(runner, "discover", discover)
+    monkeypatch.setattr(cluster_run, "discover", discover)
+    for name, extra in (("local", []), ("ray", ["--cluster", "ray"])):
+        out = tmp_path / name
+        result = infer(str(tmp_path / "src"), "--model", str(detector), *SETTINGS, "--out", str(out), "--json", *extra)
+        assert result.exit_code == 3, (name, result.output)
+        assert json.loads(result.stdout)["failed"] == 1 and len(journal(out)) == 3
+        assert [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()] == [locked.to_dict()]

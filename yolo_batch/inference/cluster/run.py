@@ -154,6 +154,7 @@ class ClusterRun:
     pending: list[str]
     journal: JournalState
     decoder: DecoderChoice
+    skipped: int = 0  # folders discovery could not list (errors.jsonl lines, failures, as in local infer)
 
     def blocks(self) -> Iterator[Block]:
         blocks: Iterator[Block] = self.session.blocks(self.pending, self.spec, self.plan, self.model)
@@ -202,7 +203,8 @@ def open_cluster_run(config: InferConfig, cluster: ClusterConfig, write_files: b
                      f"{resources.gpus:g} GPU; {plan.actors} actor(s): {plan.reason}; {runtime.describe()}")
             yield ClusterRun(session=session, cluster=cluster, resources=resources, plan=plan, runtime=runtime,
                              spec=_spec(config, plan, runtime, model, decoder.name), model=model.path.read_bytes(),
-                             names=model.names, paths=paths, pending=pending, journal=journal, decoder=decoder)
+                             names=model.names, paths=paths, pending=pending, journal=journal, decoder=decoder,
+                             skipped=len(discovery.problems))
 
 
 def run_cluster_inference(config: InferConfig, cluster: ClusterConfig, progress: ProgressReporter | None = None,
@@ -223,7 +225,7 @@ def run_cluster_inference(config: InferConfig, cluster: ClusterConfig, progress:
     plan, resources, runtime = run.plan, run.resources, run.runtime
     summary = InferenceSummary(
         out_dir=str(config.out), images_total=len(run.paths), done_before=len(run.paths) - len(run.pending),
-        processed=tally.images, failed=tally.failed, detections=tally.detections,
+        processed=tally.images, failed=tally.failed + run.skipped, detections=tally.detections,
         wall_s=time.perf_counter() - start, images_per_s=tally.images / stream_s if stream_s else 0.0,
         stage_s=dict(tally.stage_s), batch=tally.choice.batch if tally.choice else config.batch.fixed or 1,
         device=f"{plan.actors} actor(s) on {'GPU' if plan.gpus_per_actor else 'CPU'}", precision=runtime.precision,
