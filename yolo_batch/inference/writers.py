@@ -81,6 +81,11 @@ class JournalState:
     dropped_lines: int  # torn, garbled or duplicate lines removed from the file
 
 
+def journal_records(out_dir: Path) -> list[dict[str, Any]]:
+    """Every record of ``out_dir``'s results.jsonl as written (for comparing runs; resume uses read_journal)."""
+    return [json.loads(line) for line in (out_dir / OutputFile.RESULTS.value).read_text().splitlines()]
+
+
 def read_journal(path: Path) -> JournalState:
     """Read ``results.jsonl``, repairing it in place when lines must be dropped."""
     if not path.exists():

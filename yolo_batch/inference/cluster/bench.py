@@ -11,7 +11,6 @@ too: both paths must write the same detections for every image.
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from yolo_batch.inference.cluster.plan import ClusterConfig
 from yolo_batch.inference.config import InferConfig
 from yolo_batch.inference.runner import run_inference
 from yolo_batch.inference.summary import InferenceSummary
+from yolo_batch.inference.writers import journal_records
 
 LOCAL = "local infer"
 CLUSTER = "ray infer"
@@ -118,5 +118,4 @@ def _run(method: str, round_: int, summary: InferenceSummary) -> ClusterBenchRun
 
 
 def _detections(out: Path) -> dict[str, Any]:
-    lines = (out / "results.jsonl").read_text().splitlines()
-    return {record["path"]: record["detections"] for record in map(json.loads, lines)}
+    return {record["path"]: record["detections"] for record in journal_records(out)}
