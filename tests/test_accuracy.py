@@ -151,3 +151,16 @@ def test_torch_bf16_runs_the_detection_head_in_fp32(detector):
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         features = [torch.randn(1, c, s, s) for c, s in ((64, 12), (128, 6), (256, 3))]
         assert bf16.thread_module().model[-1](features)[0].dtype == torch.float32
+
+
+def test_a_label_file_that_is_not_numbers_is_one_line(tmp_path):
+    from yolo_batch.errors import InputError
+    from yolo_batch.inference.accuracy_bench import read_labels
+
+    good = tmp_path / "good.txt"
+    good.write_text("1 0.5 0.5 0.2 0.4\n\n2 0.1 0.1 0.3 0.1 0.3 0.3\n")
+    assert read_labels(good, 100, 50).tolist() == [[40.0, 15.0, 60.0, 35.0, 1.0], [10.0, 5.0, 30.0, 15.0, 2.0]]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 0.5 0.5 0.2 0.4\nsee the README\n")
+    with pytest.raises(InputError, match=r"bad.txt:2: not a label row"):
+        read_labels(bad, 100, 50)

@@ -9,7 +9,6 @@ sets this is meant for). The pure scoring is :mod:`yolo_batch.inference.accuracy
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from yolo_batch.inference.config import BatchSetting, InferConfig
 from yolo_batch.inference.runner import run_inference
 from yolo_batch.inference.runtimes.choice import BACKENDS, PRECISIONS, HostFacts, precisions, unavailable
 from yolo_batch.inference.runtimes.host import host_facts
+from yolo_batch.inference.writers import journal_records
 
 REFERENCE = ("torch", "fp32")
 MAP_CONF = 0.001
@@ -81,8 +81,11 @@ def read_labels(label_file: Path, width: int, height: int) -> np.ndarray:
     """A YOLO label file -> (m, 5) ``x1 y1 x2 y2 class`` in pixels; polygon rows become their bounding box."""
     rows = []
     text = label_file.read_text() if label_file.is_file() else ""
-    for line in text.splitlines():
-        values = [float(v) for v in line.split()]
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            values = [float(v) for v in line.split()]
+        except ValueError:
+            raise InputError(f"{label_file}:{number}: not a label row (class x y w h): {line.strip()!r}") from None
         if len(values) < 5:
             continue
         cls, coords = values[0], np.array(values[1:])
@@ -98,8 +101,7 @@ def read_labels(label_file: Path, width: int, height: int) -> np.ndarray:
 
 def _detections(out: Path) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int]]]:
     found, sizes = {}, {}
-    for line in (out / "results.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    for record in journal_records(out):
         found[record["path"]] = np.array([[*d["box"], d["confidence"], d["class_id"]] for d in record["detections"]],
                                          dtype=np.float64).reshape(-1, 6)
         sizes[record["path"]] = (int(record["width"]), int(record["height"]))
