@@ -163,9 +163,7 @@ def check_class_ids_known(values: Iterable[int] | None, class_count: int, name: 
 def check_writable_folder(folder: Path, name: str = "--out") -> None:
     """A folder that exists and is writable, or that can be made: its nearest existing parent is a writable
     folder. Checked before any work, so a run never dies with a traceback at its first write."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if existing == folder and not folder.is_dir():
         raise InputError(f"{name} {folder} is a file, not a folder")
     if not existing.is_dir():
@@ -188,9 +186,20 @@ def check_writable_entries(folder: Path, files: Iterable[str], folders: Iterable
             raise InputError(f"cannot write {path}: {_denied(path)}")
 
 
-def _denied(path: Path) -> str:
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists: where a folder that is still to be made would be created."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def on_read_only_file_system(path: Path) -> bool:
+    """Whether ``path`` is on a read-only mount (where no change of owner or mode helps)."""
     try:
-        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except OSError:
-        read_only = False
-    return "read-only file system" if read_only else "permission denied"
+        return False
+
+
+def _denied(path: Path) -> str:
+    return "read-only file system" if on_read_only_file_system(path) else "permission denied"

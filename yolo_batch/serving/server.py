@@ -25,6 +25,7 @@ from typing import Any
 
 import uvicorn
 
+from yolo_batch.core.checks import nearest_existing, on_read_only_file_system
 from yolo_batch.errors import InputError
 from yolo_batch.serving.app import create_app
 from yolo_batch.serving.backend import DetectorBackend
@@ -83,14 +84,11 @@ def check_hot_folder_access(watch: Path, out: Path) -> None:
             raise InputError(f"{out / name} is a folder: the hot folder appends its journal lines to a file there")
     needed = [(watch, os.R_OK | os.W_OK | os.X_OK)]
     needed += [(watch / name, os.W_OK | os.X_OK) for name in (DONE, FAILED) if (watch / name).is_dir()]
-    target = out
-    while not target.exists() and target.parent != target:  # out is created at start when missing
-        target = target.parent
-    needed.append((target, os.W_OK | os.X_OK))
+    needed.append((nearest_existing(out), os.W_OK | os.X_OK))  # out is created at start when missing
     needed += [(out / name, os.R_OK | os.W_OK) for name in (RESULTS, ERRORS) if (out / name).is_file()]
     for folder, mode in needed:
         if not os.access(folder, mode):
-            if os.statvfs(folder).f_flag & os.ST_RDONLY:  # no owner change helps there
+            if on_read_only_file_system(folder):
                 raise InputError(f"{folder} is not writable: it is on a read-only file system (mount it read-write)")
             uid, gid = os.getuid(), os.getgid()
             raise InputError(f"{folder} is not writable by this process (uid {uid}, gid {gid}): give it that owner, "
