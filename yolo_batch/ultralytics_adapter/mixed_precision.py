@@ -29,10 +29,9 @@ def keep_head_fp32(module: Any) -> Any:
             for name in ("f", "i", "type"):  # read by DetectionModel's forward loop ("type" shadows Module.type)
                 setattr(self, name, getattr(head, name))
 
-        def forward(self, x: Any) -> Any:
-            inputs = [t.float() for t in x] if isinstance(x, (list, tuple)) else x.float()
-            with torch.autocast(device_type=inputs[0].device.type if isinstance(inputs, list) else inputs.device.type,
-                                enabled=False):
+        def forward(self, x: list[Any]) -> Any:  # the Detect head takes one feature map per stride
+            inputs = [t.float() for t in x]
+            with torch.autocast(device_type=inputs[0].device.type, enabled=False):
                 return self.head(inputs)
 
         def __getattr__(self, name: str) -> Any:
