@@ -9,31 +9,17 @@ from typing import Any
 
 import click
 
-from yolo_batch.cli.common import command, parse_set
-from yolo_batch.cli.train import quiet_option
-from yolo_batch.core.models import DEFAULT_MODEL
-from yolo_batch.training.config import LrScaling
+from yolo_batch.cli.common import command
+from yolo_batch.cli.train import DATA, DEVICE, IMGSZ, LR_SCALING, MODEL, PROFILE, SET, quiet_option, with_options
 
 
 def _shared(fn: Any) -> Any:
-    options = [
-        click.option("--model", default=DEFAULT_MODEL, show_default=True,
-                     help="Ultralytics yaml name (yolo11n.yaml, ...) or a local .pt file."),
-        click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                     help="Data yaml in YOLO layout. Default: the built-in synthetic 'shapes' set."),
-        click.option("--profile", default=None, metavar="NAME|PATH.yaml", help="Profile under the options given."),
-        click.option("--imgsz", type=int, default=None, help="Training image size. Default: the profile's."),
-        click.option("--device", default=None, help="'cpu', '0' or '0,1'. Default: GPU 0 if present, else CPU."),
+    """The options that describe the training run (declared once, in cli/train.py)."""
+    return with_options(
+        fn, MODEL, DATA, PROFILE, IMGSZ, DEVICE,
         click.option("--nominal-batch", type=int, default=None,
                      help="The batch lr0 is tuned for; each batch's lr0 is scaled from it. Default: the profile's."),
-        click.option("--lr-scaling", type=click.Choice([r.value for r in LrScaling]), default=None,
-                     help="lr0 rule (auto: linear for SGD, sqrt for Adam-family). Default: the profile's."),
-        click.option("--set", "extra", multiple=True, callback=parse_set, metavar="KEY=VALUE",
-                     help="Any other Ultralytics train argument, repeatable."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+        LR_SCALING, SET)
 
 
 def _config(opts: dict[str, Any], epochs: int, batch: str | None = None) -> Any:

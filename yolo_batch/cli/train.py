@@ -22,19 +22,36 @@ def quiet_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                         help="No progress (dataset scan, probes, inference) and no tables; errors still print.")(fn)
 
 
+def with_options(fn: Callable[..., Any], *options: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with ``options`` in the order given (in --help too)."""
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+# The training run's options, each declared once: train, autobatch and bench autobatch take them all (below), sweep
+# and advise the ones that describe a run (cli/science.py).
+MODEL = click.option("--model", default=DEFAULT_MODEL, show_default=True,
+                     help="Ultralytics yaml name (yolo11n.yaml, yolo11s.yaml, ...) or a local .pt file.")
+DATA = click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                    help="Data yaml in YOLO layout. Default: the built-in synthetic 'shapes' set.")
+PROFILE = click.option("--profile", default=None, metavar="NAME|PATH.yaml",
+                       help="default, medical, inspection or a profile file ('yolo-batch profiles'). "
+                            "Options given here override it. Default: default.")
+IMGSZ = click.option("--imgsz", type=int, default=None,
+                     help="Training image size (multiple of 32). Default: the profile's (640; medical 1024).")
+DEVICE = click.option("--device", default=None, help="'cpu', '0' or '0,1'. Default: GPU 0 if present, else CPU.")
+LR_SCALING = click.option("--lr-scaling", type=click.Choice([r.value for r in LrScaling]), default=None,
+                          help="lr0 rule when the effective batch differs from the nominal one "
+                               "(auto: linear for SGD, sqrt for Adam-family). Default: the profile's (auto).")
+SET = click.option("--set", "extra", multiple=True, callback=parse_set, metavar="KEY=VALUE",
+                   help="Any other Ultralytics train argument, repeatable (e.g. --set optimizer=SGD).")
+
+
 def sizing_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by ``train``, ``autobatch`` and ``bench autobatch``."""
-    options = [
-        click.option("--model", default=DEFAULT_MODEL, show_default=True,
-                     help="Ultralytics yaml name (yolo11n.yaml, yolo11s.yaml, ...) or a local .pt file."),
-        click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                     help="Data yaml in YOLO layout. Default: the built-in synthetic 'shapes' set."),
-        click.option("--profile", default=None, metavar="NAME|PATH.yaml",
-                     help="default, medical, inspection or a profile file ('yolo-batch profiles'). "
-                          "Options given here override it. Default: default."),
-        click.option("--imgsz", type=int, default=None,
-                     help="Training image size (multiple of 32). Default: the profile's (640; medical 1024)."),
-        click.option("--device", default=None, help="'cpu', '0' or '0,1'. Default: GPU 0 if present, else CPU."),
+    return with_options(
+        fn, MODEL, DATA, PROFILE, IMGSZ, DEVICE,
         click.option("--batch", "batch", default=None,
                      help="N (fixed), -1 (AutoBatch) or a memory fraction such as 0.7. Default: -1."),
         click.option("--auto", "auto", is_flag=True, help="AutoBatch, same as --batch -1."),
@@ -43,21 +60,14 @@ def sizing_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--nominal-batch", type=int, default=None,
                      help="Batch the learning rate is tuned for (Ultralytics nbs); gradients accumulate to it. "
                           "Default: the profile's (64)."),
-        click.option("--lr-scaling", type=click.Choice([r.value for r in LrScaling]), default=None,
-                     help="lr0 rule when the effective batch differs from the nominal one "
-                          "(auto: linear for SGD, sqrt for Adam-family). Default: the profile's (auto)."),
+        LR_SCALING,
         click.option("--bn", type=click.Choice([p.value for p in BnPolicy]), default=None,
                      help="BatchNorm during training: freeze keeps running statistics, sync uses SyncBatchNorm "
                           "across GPUs, auto decides from the batch (below 8 per device). Default: the profile's "
                           "(auto)."),
         click.option("--epochs", type=int, default=100, show_default=True),
         click.option("--no-cache", is_flag=True, help="Re-measure instead of reusing a cached decision."),
-        click.option("--set", "extra", multiple=True, callback=parse_set, metavar="KEY=VALUE",
-                     help="Any other Ultralytics train argument, repeatable (e.g. --set optimizer=SGD)."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+        SET)
 
 
 def build_train_config(opts: dict[str, Any], project: str | None = None, name: str | None = None) -> TrainConfig:
