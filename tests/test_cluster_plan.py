@@ -146,3 +146,22 @@ def test_a_yaml_model_is_saved_once_so_every_actor_loads_the_same_weights(tmp_pa
     first, second = (load_model(str(saved.path)).model.state_dict() for _ in range(2))
     assert all(torch.equal(first[k], second[k]) for k in first)  # two loads: the same weights
     assert portable_model(str(saved.path), tmp_path / "unused").path == saved.path  # a .pt is used as it is
+
+
+def test_a_cluster_started_here_never_reports_usage_statistics(monkeypatch):
+    """Ray's processes read the opt-out at start; yolo-batch sets it for ray.init only and puts it back."""
+    import os
+    import types
+
+    from yolo_batch.inference.cluster import ray_backend
+
+    seen = []
+    fake = types.SimpleNamespace(
+        __version__="2.60.0", is_initialized=lambda: False, shutdown=lambda: None,
+        init=lambda **kwargs: seen.append(os.environ.get("RAY_USAGE_STATS_ENABLED")),
+        get_runtime_context=lambda: types.SimpleNamespace(gcs_address="127.0.0.1:1"))
+    monkeypatch.setattr(ray_backend, "import_ray", lambda: fake)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
+    with ray_backend.connect(ClusterConfig()):
+        pass
+    assert seen == ["0"] and os.environ["RAY_USAGE_STATS_ENABLED"] == "1"

@@ -36,11 +36,17 @@ def ray_address():
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("ray is not installed (the dev extra includes it; required under CI)")
         pytest.skip("ray is not installed: pip install 'yolo-batch[ray]'")
+    saved = os.environ.get("RAY_USAGE_STATS_ENABLED")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # the suite stays offline, as the product does (ray_backend)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_USAGE_STATS_ENABLED", None)
+        else:
+            os.environ["RAY_USAGE_STATS_ENABLED"] = saved
 
 
 def infer(*args: str):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import warnings
 from collections.abc import Iterator, Sequence
@@ -42,6 +43,7 @@ from yolo_batch.inference.cluster.work import (
 from yolo_batch.inference.runtimes.choice import RuntimeChoice
 
 log = logging.getLogger(__name__)
+USAGE_STATS = "RAY_USAGE_STATS_ENABLED"  # Ray's documented opt-out
 
 TASK_RETRIES = 3  # a decode task lost with its worker or node runs again
 ACTOR_RESTARTS = 3  # a killed actor comes back (its blocks run again), up to three times each
@@ -156,8 +158,9 @@ def connect(cluster: ClusterConfig) -> Iterator[RaySession]:
         if not ray.is_initialized():
             _check_reachable(cluster)
             try:
-                ray.init(address=cluster.address, log_to_driver=False, include_dashboard=False,
-                         logging_level=logging.WARNING)
+                with _usage_stats_off():
+                    ray.init(address=cluster.address, log_to_driver=False, include_dashboard=False,
+                             logging_level=logging.WARNING)
             except (ConnectionError, ValueError, RuntimeError) as exc:
                 raise InputError(f"cannot join the Ray cluster ({cluster.describe()}): {str(exc).splitlines()[0]}"
                                  ) from None
@@ -168,6 +171,22 @@ def connect(cluster: ClusterConfig) -> Iterator[RaySession]:
             ray.shutdown()
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def _usage_stats_off() -> Iterator[None]:
+    """Ray reports usage statistics to its developers from a cluster it starts unless told not to, and yolo-batch
+    never reaches the network on its own: off for ``ray.init`` (the processes it starts keep the setting), as it
+    was after."""
+    saved = os.environ.get(USAGE_STATS)
+    os.environ[USAGE_STATS] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(USAGE_STATS, None)
+        else:
+            os.environ[USAGE_STATS] = saved
 
 
 def _check_reachable(cluster: ClusterConfig, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
