@@ -296,3 +296,23 @@ def test_tensorrt_fp16_matches_torch_fp32_by_iou(detector, images, reference, ca
     assert total > 200 and matched_share(rows, reference[str(LOW)]) >= BF16_FLOOR
     again = run_inference(InferConfig(**{**config.__dict__, "out": tmp_path / "again"}))
     assert again.export["hit"]
+
+
+def test_openvino_never_reports_telemetry(detector, images, tmp_path):
+    """OpenVINO sends a usage event when imported and at every conversion unless opted out (outside CI): a real
+    infer run through an OpenVINO export, in a clean home folder and without CI set, leaves no trace of its
+    telemetry (the client id and usage counter it writes before sending)."""
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in {"CI", "TF_BUILD", "JENKINS_URL"}}
+    env.update(HOME=str(home), YOLO_BATCH_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-m", "yolo_batch.cli", "infer", str(images), "--model", str(detector),
+                           "--imgsz", "64", "--device", "cpu", "--backend", "openvino", "--precision", "fp32",
+                           "--out", str(tmp_path / "out"), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "results.jsonl").exists() and not (home / "intel").exists()

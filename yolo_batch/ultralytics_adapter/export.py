@@ -22,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from yolo_batch.core.telemetry import import_openvino
 from yolo_batch.errors import InputError
 from yolo_batch.ultralytics_adapter.models import load_model
 from yolo_batch.ultralytics_adapter.session import offline, one_line, quiet
@@ -57,9 +58,15 @@ class Exported:
 def no_installs(extra: str | None = None) -> Iterator[None]:
     """Ultralytics' requirement checks that never install anything, inside the block (restored after, also on error).
 
+    OpenVINO, when it is the runtime, is imported first with its telemetry off (:mod:`yolo_batch.core.telemetry`):
+    Ultralytics' exporter and its OpenVINO backend then find it imported.
+
     Args:
         extra: the yolo-batch extra to name in the message (``openvino``, ``onnx``, ``tensorrt``).
     """
+    if extra == "openvino":
+        with contextlib.suppress(ImportError):  # not installed: Ultralytics' own check names the extra
+            import_openvino()
     with offline():
         for name in _CHECKING_MODULES:
             importlib.import_module(name)

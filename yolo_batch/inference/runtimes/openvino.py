@@ -13,6 +13,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from yolo_batch.core.telemetry import import_openvino
+
 _HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
 
@@ -45,9 +47,9 @@ class OpenVinoRuntime:
 
     def __init__(self, artefact: Path, precision: str, streams: int = 1, threads: int = 1,
                  embed_input: bool = True) -> None:
-        import openvino as ov
         import torch
 
+        ov = import_openvino()  # its telemetry off (core/telemetry.py)
         self.precision = precision
         self.device = torch.device("cpu")
         self.embed_input = embed_input
@@ -79,8 +81,9 @@ class OpenVinoRuntime:
 
 def _with_uint8_input(model: Any) -> Any:
     """``model`` behind a uint8 NHWC BGR input converted in-graph to float NCHW RGB / 255."""
-    import openvino as ov
     from openvino.preprocess import PrePostProcessor
+
+    ov = import_openvino()
 
     ppp = PrePostProcessor(model)
     ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
