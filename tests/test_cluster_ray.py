@@ -220,10 +220,10 @@ def test_a_folder_that_could_not_be_listed_counts_as_failed_as_in_local_infer(ra
 
     from yolo_batch.inference import runner
     from yolo_batch.inference.cluster import run as cluster_run
-    from yolo_batch.inference.sources import Skipped
+    from yolo_batch.inference.failures import FailureRecord
 
     many_images(tmp_path / "src", 3)
-    locked = Skipped(str(tmp_path / "src" / "locked"), "unreadable", "cannot list folder: permission denied")
+    locked = FailureRecord(str(tmp_path / "src" / "locked"), "unreadable", "cannot list folder: permission denied")
     real = runner.discover
 
     def discover(sources):

@@ -305,10 +305,11 @@ def test_symlinked_folders_are_followed_once_each(tmp_path, caplog):
 
 def test_unlisted_subfolders_reach_errors_jsonl_and_exit_3(detector, tmp_path, monkeypatch):
     from yolo_batch.inference import runner
-    from yolo_batch.inference.sources import Discovery, Skipped
+    from yolo_batch.inference.failures import FailureRecord
+    from yolo_batch.inference.sources import Discovery
 
     folder = small_images(tmp_path / "src", ["a.jpg"])
-    locked = Skipped(str(folder / "locked"), "unreadable", "cannot list folder: permission denied")
+    locked = FailureRecord(str(folder / "locked"), "unreadable", "cannot list folder: permission denied")
     monkeypatch.setattr(runner, "discover", lambda sources: Discovery((str(folder / "a.jpg"),), problems=(locked,)))
     out = tmp_path / "o"
     result = infer(str(folder), "--model", str(detector), *FAST, "--out", str(out), "--json")

@@ -6,8 +6,9 @@ absolute, so a rerun of the same command names each image the same way and resum
 Nothing is skipped without a word. Symlinked folders are followed (a dataset assembled from links is
 common), each real folder once: a link back to a folder already on the way (a loop) or a second route to one
 already walked is passed over with a log line, since its images are found through the first route. A
-subfolder that cannot be listed is a :class:`Skipped` entry, which the run writes to errors.jsonl (its images
-are lost to the run, so it counts as a failure); a source folder that cannot be listed is refused.
+subfolder that cannot be listed is a :class:`~yolo_batch.inference.failures.FailureRecord`, which the run writes
+to errors.jsonl (its images are lost to the run, so it counts as a failure); a source folder that cannot be
+listed is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from yolo_batch.errors import InputError
+from yolo_batch.inference.failures import FailureRecord
 
 log = logging.getLogger(__name__)
 
@@ -29,25 +31,13 @@ _GLOB_CHARS = frozenset("*?[")
 
 
 @dataclass(frozen=True)
-class Skipped:
-    """A folder whose images the run cannot see (the ``kind`` and ``reason`` of its errors.jsonl line)."""
-
-    path: str
-    kind: str
-    reason: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"path": self.path, "kind": self.kind, "reason": self.reason}
-
-
-@dataclass(frozen=True)
 class Discovery:
     """The images found, folders that could not be listed, and how many files were passed over for their
     extension."""
 
     paths: tuple[str, ...]
     skipped_other: int = 0
-    problems: tuple[Skipped, ...] = ()
+    problems: tuple[FailureRecord, ...] = ()
     repeats: tuple[str, ...] = ()  # symlinked folders not walked again (loops, second routes)
 
 
@@ -111,7 +101,7 @@ def _absolute(path: Path) -> str:
 class _Walk:
     images: list[str]
     other: int
-    problems: list[Skipped]
+    problems: list[FailureRecord]
     repeats: list[str]
 
 
@@ -124,7 +114,8 @@ def _walk(folder: Path) -> _Walk:
         reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
         if os.path.abspath(exc.filename or top) == top:
             raise InputError(f"cannot read folder {folder}: {reason}")
-        walk.problems.append(Skipped(os.path.abspath(exc.filename), "unreadable", f"cannot list folder: {reason}"))
+        walk.problems.append(FailureRecord(os.path.abspath(exc.filename), "unreadable",
+                                           f"cannot list folder: {reason}"))
 
     walked = {os.path.realpath(top)}
     for root, dirs, files in os.walk(top, onerror=unlisted, followlinks=True):

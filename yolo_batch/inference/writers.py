@@ -27,6 +27,7 @@ import numpy as np
 from yolo_batch.core.files import atomic_write, truncate_torn_tail
 from yolo_batch.inference.config import OutputFormat
 from yolo_batch.inference.engine import Detection
+from yolo_batch.inference.failures import FailureRecord
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +59,6 @@ class ImageRecord:
         return {"path": self.path, "width": self.width, "height": self.height,
                 "detections": [d.to_dict() for d in self.detections],
                 "timing_ms": {k: round(v, 3) for k, v in self.timing_ms.items()}}
-
-
-@dataclass(frozen=True)
-class FailureRecord:
-    """One file that produced no result."""
-
-    path: str
-    kind: str
-    reason: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"path": self.path, "kind": self.kind, "reason": self.reason}
 
 
 @dataclass(frozen=True)
