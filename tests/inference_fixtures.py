@@ -11,6 +11,10 @@ outputs depend on the image, which is what parity with ``predict`` needs.
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +113,20 @@ def _png_header(width: int, height: int) -> bytes:
     chunk = b"IHDR" + ihdr
     return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
             + struct.pack(">I", zlib.crc32(chunk)) + b"\x00" * 64)
+
+
+def kill_when_written(command: Sequence[str], results: Path, lines: int, timeout_s: float,
+                      env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start ``command`` and SIGKILL it once ``results`` holds ``lines`` lines (a condition, not a time); returns
+    the process, ended."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not (results.exists() and results.read_text().count("\n") >= lines):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, f"no results after {timeout_s:g} s"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    return process

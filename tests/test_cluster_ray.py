@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from inference_fixtures import detector, image_folder, write_bad_files  # noqa: F401 (fixtures)
+from inference_fixtures import detector, image_folder, kill_when_written, write_bad_files  # noqa: F401 (fixtures)
 
 from yolo_batch.cli import main
 
@@ -171,17 +169,8 @@ def test_a_driver_killed_mid_run_then_rerun_writes_every_image_once(ray_address,
     command = [sys.executable, "-m", "yolo_batch.cli", "infer", str(tmp_path / "many"), "--model", str(detector),
                *SETTINGS, "--batch", "2", "--out", str(out), "--quiet", "--format", "csv",
                "--cluster", f"ray:{ray_address}"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     results = out / "results.jsonl"
-    try:
-        deadline = time.monotonic() + 180
-        while not (results.exists() and results.read_text().count("\n") >= 10):  # a condition, not a time
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no results after 180 s"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
+    kill_when_written(command, results, 10, 180)
     before = results.read_text().count("\n")
     assert 10 <= before < 300, "the driver should have been killed mid-way"
     with open(results, "a") as handle:  # what a kill during a write leaves: half a line

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from inference_fixtures import detector, image_folder, write_bad_files  # noqa: F401 (fixtures)
+from inference_fixtures import detector, image_folder, kill_when_written, write_bad_files  # noqa: F401 (fixtures)
 
 from yolo_batch.cli import main
 
@@ -135,17 +134,8 @@ def test_resume_after_kill_9_gives_every_image_exactly_once(detector, tmp_path):
                "160", "--batch", "2", "--device", "cpu", "--conf", "0.5", "--out", str(out), *TORCH, "--quiet",
                "--format", "csv"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     results = out / "results.jsonl"
-    try:
-        deadline = time.monotonic() + 120
-        while not (results.exists() and results.read_text().count("\n") >= 10):  # wait for a condition, not a time
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no results after 120 s"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
+    process = kill_when_written(command, results, 10, 120, env)
     assert process.returncode == -signal.SIGKILL
     before = results.read_text().count("\n")
     assert 10 <= before < 200, "the run should have been killed mid-way"
