@@ -205,3 +205,53 @@ def test_requirement_checks_never_install(monkeypatch):
             checks.check_tensorrt()
     assert "surely-not-installed-pkg>=1.0" in str(info.value) and "yolo-batch[onnx]" in str(info.value)
     assert exporter.check_requirements is original and checks.check_requirements is original
+
+
+IR = """<?xml version="1.0"?>
+<net name="tiny" version="11"><layers>
+<layer id="0" name="x" type="Parameter" version="opset1"><data shape="1,3,8,8" element_type="f32"/></layer>
+<layer id="1" name="__module.model.0.conv/aten::_convolution/Convolution" type="Convolution" version="opset1"/>
+<layer id="2" name="__module.model.23.cv3.2.1.1.act/aten::silu_/Swish_50" type="Swish" version="opset4"/>
+<layer id="3" name="__module.model.23.cv2.0.0.conv/aten::_convolution/Convolution" type="Convolution"
+  version="opset1"><data strides="1, 1"/><rt_info><attribute name="fused_names" version="0" value="a"/></rt_info>
+</layer>
+<layer id="4" name="__module.model.23.cv2.0.0.act/aten::silu_/Swish" type="Swish" version="opset4"/>
+<layer id="5" name="__module.model.23/aten::sigmoid/Sigmoid" type="Sigmoid" version="opset1"/>
+<layer id="6" name="out" type="Result" version="opset1"/>
+</layers><edges>
+<edge from-layer="0" from-port="0" to-layer="1" to-port="0"/>
+<edge from-layer="1" from-port="1" to-layer="2" to-port="0"/>
+<edge from-layer="2" from-port="1" to-layer="3" to-port="0"/>
+<edge from-layer="3" from-port="1" to-layer="4" to-port="0"/>
+<edge from-layer="4" from-port="1" to-layer="5" to-port="0"/>
+<edge from-layer="5" from-port="1" to-layer="6" to-port="0"/>
+</edges></net>"""
+
+
+def precise_layers(xml: bytes) -> list[str]:
+    """The ids of the layers marked ``precise``, once per mark."""
+    import xml.etree.ElementTree as ET
+
+    return sorted(layer.get("id", "") for layer in ET.fromstring(xml).iter("layer")
+                  for attribute in layer.iter("attribute") if attribute.get("name") == "precise")
+
+
+def test_openvino_head_marking_keeps_the_last_layer_and_everything_after_it_at_fp32():
+    from yolo_batch.inference.runtimes.openvino_head import keep_head_fp32
+
+    marked = keep_head_fp32(IR.encode())
+    assert marked.layer == 23 and "model.23" in marked.reason
+    # the head; not the body's convolution, nor its activation that the frontend named after the head's last SiLU
+    assert precise_layers(marked.xml) == ["3", "4", "5"]
+    assert precise_layers(keep_head_fp32(marked.xml).xml) == ["3", "4", "5"]  # marking twice adds nothing
+
+
+def test_an_ir_without_ultralytics_names_runs_unmarked_with_the_reason():
+    from yolo_batch.inference.runtimes.openvino_head import keep_head_fp32
+
+    foreign = IR.replace("__module.model.", "node.")
+    marked = keep_head_fp32(foreign.encode())
+    assert marked.nodes == 0 and marked.xml == foreign.encode() and "no layer named after" in marked.reason
+    no_convolution = IR.replace('name="__module.model.23.cv2.0.0.conv/aten::_convolution/Convolution"', 'name="c"')
+    marked = keep_head_fp32(no_convolution.encode())
+    assert marked.nodes == 0 and "no convolution named after the last layer (model.23)" in marked.reason

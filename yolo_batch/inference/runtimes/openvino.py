@@ -4,16 +4,20 @@ The engine hands over uint8 NHWC BGR batches; OpenVINO's PrePostProcessor adds t
 / 255 in front of the network, so it runs inside OpenVINO's own threads instead of in numpy. The precision is
 OpenVINO's ``INFERENCE_PRECISION_HINT`` (bf16 is its default on CPUs that have it; fp32 is forced explicitly).
 One compiled model serves every inference stream: one OpenVINO stream per pipeline stream, and an infer
-request per calling thread.
+request per calling thread. Below fp32 the Detect head stays at fp32 (:mod:`.openvino_head` says why and how).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Any
 
 from yolo_batch.core.telemetry import import_openvino
+from yolo_batch.inference.runtimes.openvino_head import keep_head_fp32
+
+log = logging.getLogger(__name__)
 
 _HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
@@ -54,7 +58,11 @@ class OpenVinoRuntime:
         self.device = torch.device("cpu")
         self.embed_input = embed_input
         core = ov.Core()
-        model = core.read_model(str(model_file(artefact)))
+        self.head = "whole network at fp32"
+        if precision == "fp32":
+            model = core.read_model(str(model_file(artefact)))
+        else:
+            model, self.head = _read_with_head_fp32(core, model_file(artefact))
         if embed_input:
             model = _with_uint8_input(model)
         self.compiled = core.compile_model(model, "CPU", compile_config(precision, streams, threads))
@@ -77,6 +85,18 @@ class OpenVinoRuntime:
 
     def release(self) -> None:
         pass
+
+
+def _read_with_head_fp32(core: Any, xml: Path) -> tuple[Any, str]:
+    """The IR at ``xml`` with its Detect head marked to stay at fp32, and what was done (or why not)."""
+    import numpy as np
+
+    ov = import_openvino()
+    marked = keep_head_fp32(xml.read_bytes())
+    if not marked.nodes:
+        log.warning("openvino: the whole network runs below fp32: %s", marked.reason)
+    weights = ov.Tensor(np.fromfile(xml.with_suffix(".bin"), dtype=np.uint8))
+    return core.read_model(model=marked.xml, weights=weights), marked.reason
 
 
 def _with_uint8_input(model: Any) -> Any:
