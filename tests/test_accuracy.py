@@ -107,6 +107,20 @@ def test_bench_accuracy_scores_each_runtime_against_torch_fp32(detector):
     assert abs(onnx["map50"] - reference["map50"]) < 0.01  # the same boxes score the same
 
 
+def test_the_report_table_names_every_runtime_in_full_on_a_narrow_terminal():
+    from rich.console import Console
+
+    from yolo_batch.inference.accuracy import AccuracyReport, accuracy_row
+
+    same = {"a.jpg": np.array([[10, 10, 50, 50, 0.9, 0]], float)}
+    rows = tuple(accuracy_row(b, p, same, same, (0.5, 0.3))
+                 for b, p in (("torch", "fp32"), ("openvino", "bf16"), ("onnxruntime", "fp32")))
+    console = Console(width=80, record=True)
+    console.print(AccuracyReport("bccd.pt", 1, 1, 320, "cpu", rows).table())
+    text = console.export_text()
+    assert all(name in text for name in ("torch:fp32", "openvino:bf16", "onnxruntime:fp32")), text
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--runtime", "openvino"], "runtime 'openvino' is not BACKEND:PRECISION"),
     (["--runtime", "auto:fp32"], "runtime 'auto:fp32' is not BACKEND:PRECISION"),

@@ -164,7 +164,8 @@ class AccuracyReport:
         table = Table(title=f"accuracy: {self.model}, {self.images} images, {self.labels} labels, imgsz "
                             f"{self.imgsz}, {self.device} (agreement with torch fp32 above conf {CONTRACT_CONF})")
         for column in ("runtime", "mAP50", "mAP50-95", "ours in fp32", "fp32 in ours", "within 1 px", "contract"):
-            table.add_column(column, justify="left" if column in {"runtime", "contract"} else "right")
+            table.add_column(column, justify="left" if column in {"runtime", "contract"} else "right",
+                             no_wrap=column == "runtime")  # 'openvino:bf16' cut to 'openvino…' hides which row it is
         table.caption = "; ".join(dict.fromkeys(row.rule for row in self.rows))
         for row in self.rows:
             verdict = "met" if row.meets else "MISSED"
