@@ -237,21 +237,21 @@ def precise_layers(xml: bytes) -> list[str]:
 
 
 def test_openvino_head_marking_keeps_the_last_layer_and_everything_after_it_at_fp32():
-    from yolo_batch.inference.runtimes.openvino_head import keep_head_fp32
+    from yolo_batch.inference.runtimes.openvino_head import mark_head_precise
 
-    marked = keep_head_fp32(IR.encode())
+    marked = mark_head_precise(IR.encode())
     assert marked.layer == 23 and "model.23" in marked.reason
     # the head; not the body's convolution, nor its activation that the frontend named after the head's last SiLU
     assert precise_layers(marked.xml) == ["3", "4", "5"]
-    assert precise_layers(keep_head_fp32(marked.xml).xml) == ["3", "4", "5"]  # marking twice adds nothing
+    assert precise_layers(mark_head_precise(marked.xml).xml) == ["3", "4", "5"]  # marking twice adds nothing
 
 
 def test_an_ir_without_ultralytics_names_runs_unmarked_with_the_reason():
-    from yolo_batch.inference.runtimes.openvino_head import keep_head_fp32
+    from yolo_batch.inference.runtimes.openvino_head import mark_head_precise
 
     foreign = IR.replace("__module.model.", "node.")
-    marked = keep_head_fp32(foreign.encode())
+    marked = mark_head_precise(foreign.encode())
     assert marked.nodes == 0 and marked.xml == foreign.encode() and "no layer named after" in marked.reason
     no_convolution = IR.replace('name="__module.model.23.cv2.0.0.conv/aten::_convolution/Convolution"', 'name="c"')
-    marked = keep_head_fp32(no_convolution.encode())
+    marked = mark_head_precise(no_convolution.encode())
     assert marked.nodes == 0 and "no convolution named after the last layer (model.23)" in marked.reason

@@ -36,7 +36,7 @@ from yolo_batch.ultralytics_adapter.export import (
     predict_stream,
 )
 from yolo_batch.ultralytics_adapter.metrics import mean_average_precision
-from yolo_batch.ultralytics_adapter.mixed_precision import keep_head_fp32
+from yolo_batch.ultralytics_adapter.mixed_precision import keep_ends_fp32
 from yolo_batch.ultralytics_adapter.models import (
     InferenceNetwork,
     PortableModel,
@@ -113,7 +113,7 @@ __all__ = [
     "image_formats",
     "import_ultralytics",
     "inference_network",
-    "keep_head_fp32",
+    "keep_ends_fp32",
     "label_paths",
     "load_export",
     "load_model",

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from yolo_batch.core.telemetry import import_openvino
-from yolo_batch.inference.runtimes.openvino_head import keep_head_fp32
+from yolo_batch.inference.runtimes.openvino_head import mark_head_precise
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _read_with_head_fp32(core: Any, xml: Path) -> tuple[Any, str]:
     import numpy as np
 
     ov = import_openvino()
-    marked = keep_head_fp32(xml.read_bytes())
+    marked = mark_head_precise(xml.read_bytes())
     if not marked.nodes:
         log.warning("openvino: the whole network runs below fp32: %s", marked.reason)
     weights = ov.Tensor(np.fromfile(xml.with_suffix(".bin"), dtype=np.uint8))

@@ -4,7 +4,7 @@ OpenVINO's CPU plugin lowers every convolution to bf16 under its bf16 hint, the 
 decides where box edges land (the DFL expectation over 16 bins, up to 15 grid cells, times the stride) and
 which class wins among close scores; at bf16's 8 significant bits the edges move by up to 2 px at stride 32 and
 close classes swap. That cost 2 points of agreement with fp32 on the BCCD model (docs/benchmarks.md). The same
-reasoning as :func:`yolo_batch.ultralytics_adapter.keep_head_fp32` for torch; here it is said to OpenVINO with the
+reasoning as :func:`yolo_batch.ultralytics_adapter.keep_ends_fp32` for torch; here it is said to OpenVINO with the
 IR's ``precise`` runtime attribute (the old ``disable_fp16_compression``, which the IR reader turns into its
 current form): the CPU plugin keeps a node so marked at its original precision.
 
@@ -35,7 +35,7 @@ class MarkedHead:
     reason: str
 
 
-def keep_head_fp32(xml: bytes) -> MarkedHead:
+def mark_head_precise(xml: bytes) -> MarkedHead:
     """Mark every node of the Detect head in an OpenVINO IR (its ``.xml`` text) to run at its original precision.
 
     Returns the IR unchanged (``nodes`` 0) when it holds no convolution named after an Ultralytics layer, so a

@@ -48,7 +48,7 @@ class TorchRuntime:
             channels_last = True
         network = ultralytics_adapter.inference_network(yolo, device, precision == "fp16", channels_last)
         if precision == "bf16":
-            ultralytics_adapter.keep_head_fp32(network.module)
+            ultralytics_adapter.keep_ends_fp32(network.module)
         return cls(network, precision), ModelInfo(network.names, network.stride, network.end2end)
 
     def __call__(self, host: Any) -> Any:
