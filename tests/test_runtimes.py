@@ -215,16 +215,22 @@ IR = """<?xml version="1.0"?>
 <layer id="3" name="__module.model.23.cv2.0.0.conv/aten::_convolution/Convolution" type="Convolution"
   version="opset1"><data strides="1, 1"/><rt_info><attribute name="fused_names" version="0" value="a"/></rt_info>
 </layer>
-<layer id="4" name="__module.model.23.cv2.0.0.act/aten::silu_/Swish" type="Swish" version="opset4"/>
-<layer id="5" name="__module.model.23/aten::sigmoid/Sigmoid" type="Sigmoid" version="opset1"/>
-<layer id="6" name="out" type="Result" version="opset1"/>
+<layer id="4" name="__module.model.23.dfl/aten::softmax/Softmax" type="SoftMax" version="opset8"/>
+<layer id="5" name="__module.model.23.dfl.conv/aten::_convolution/Convolution" type="Convolution" version="opset1"/>
+<layer id="6" name="__module.model.23.cv3.0.0.0.conv/aten::_convolution/GroupConvolution" type="GroupConvolution"
+  version="opset1"/>
+<layer id="7" name="__module.model.23/aten::cat/Concat" type="Concat" version="opset1"/>
+<layer id="8" name="out" type="Result" version="opset1"/>
 </layers><edges>
 <edge from-layer="0" from-port="0" to-layer="1" to-port="0"/>
 <edge from-layer="1" from-port="1" to-layer="2" to-port="0"/>
 <edge from-layer="2" from-port="1" to-layer="3" to-port="0"/>
+<edge from-layer="2" from-port="1" to-layer="6" to-port="0"/>
 <edge from-layer="3" from-port="1" to-layer="4" to-port="0"/>
 <edge from-layer="4" from-port="1" to-layer="5" to-port="0"/>
-<edge from-layer="5" from-port="1" to-layer="6" to-port="0"/>
+<edge from-layer="5" from-port="1" to-layer="7" to-port="0"/>
+<edge from-layer="6" from-port="1" to-layer="7" to-port="1"/>
+<edge from-layer="7" from-port="2" to-layer="8" to-port="0"/>
 </edges></net>"""
 
 
@@ -236,14 +242,23 @@ def precise_layers(xml: bytes) -> list[str]:
                   for attribute in layer.iter("attribute") if attribute.get("name") == "precise")
 
 
-def test_openvino_head_marking_keeps_the_last_layer_and_everything_after_it_at_fp32():
+def test_openvino_marks_the_class_branch_the_dfl_and_what_follows_them():
     from yolo_batch.inference.runtimes.openvino_head import mark_head_precise
 
     marked = mark_head_precise(IR.encode())
-    assert marked.layer == 23 and "model.23" in marked.reason
-    # the head; not the body's convolution, nor its activation that the frontend named after the head's last SiLU
-    assert precise_layers(marked.xml) == ["3", "4", "5"]
-    assert precise_layers(mark_head_precise(marked.xml).xml) == ["3", "4", "5"]  # marking twice adds nothing
+    assert marked.layer == 23 and "class branch and DFL" in marked.reason
+    # not the body's convolution, nor the body's activation the frontend named after the head's last SiLU, nor
+    # the box branch's convolution (it stays at bf16: it moves no score)
+    assert precise_layers(marked.xml) == ["4", "5", "6", "7"]
+    assert precise_layers(mark_head_precise(marked.xml).xml) == ["4", "5", "6", "7"]  # marking twice adds nothing
+
+
+def test_a_head_without_those_branches_is_marked_whole():
+    from yolo_batch.inference.runtimes.openvino_head import mark_head_precise
+
+    other = IR.replace("model.23.cv3.0", "model.23.cv9.0").replace("model.23.dfl", "model.23.box")
+    marked = mark_head_precise(other.encode())
+    assert "the whole head" in marked.reason and precise_layers(marked.xml) == ["3", "4", "5", "6", "7"]
 
 
 def test_an_ir_without_ultralytics_names_runs_unmarked_with_the_reason():
@@ -252,6 +267,6 @@ def test_an_ir_without_ultralytics_names_runs_unmarked_with_the_reason():
     foreign = IR.replace("__module.model.", "node.")
     marked = mark_head_precise(foreign.encode())
     assert marked.nodes == 0 and marked.xml == foreign.encode() and "no layer named after" in marked.reason
-    no_convolution = IR.replace('name="__module.model.23.cv2.0.0.conv/aten::_convolution/Convolution"', 'name="c"')
+    no_convolution = IR.replace('type="Convolution"', 'type="Other"').replace('type="GroupConvolution"', 'type="Other"')
     marked = mark_head_precise(no_convolution.encode())
     assert marked.nodes == 0 and "no convolution named after the last layer (model.23)" in marked.reason
