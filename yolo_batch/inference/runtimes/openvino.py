@@ -4,7 +4,8 @@ The engine hands over uint8 NHWC BGR batches; OpenVINO's PrePostProcessor adds t
 / 255 in front of the network, so it runs inside OpenVINO's own threads instead of in numpy. The precision is
 OpenVINO's ``INFERENCE_PRECISION_HINT`` (bf16 is its default on CPUs that have it; fp32 is forced explicitly).
 One compiled model serves every inference stream: one OpenVINO stream per pipeline stream, and an infer
-request per calling thread. Below fp32 the Detect head stays at fp32 (:mod:`.openvino_head` says why and how).
+request per calling thread. Below fp32 the Detect head's class branch and DFL stay at fp32 (:mod:`.openvino_head`
+says why and how).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ class OpenVinoRuntime:
 
 
 def _read_with_head_fp32(core: Any, xml: Path) -> tuple[Any, str]:
-    """The IR at ``xml`` with its Detect head marked to stay at fp32, and what was done (or why not)."""
+    """The IR at ``xml`` with the head's class branch and DFL marked to stay at fp32, and what was marked (or why
+    nothing was)."""
     import numpy as np
 
     ov = import_openvino()
