@@ -11,6 +11,12 @@ export (the peer a user would pick: the same file, Ultralytics' own pipeline), a
 forward pass (for OpenVINO the exported IR compiled with our settings, fed float NCHW tensors). A yaml model is
 saved once into the scratch folder so that every method runs the same random weights.
 
+Each method's runtime is alive only while that method is timed: the peer's export and the ceiling are loaded,
+warmed up, timed and dropped within their round, as ours is within :func:`run_inference`. A live ONNX Runtime
+session slowed every other ONNX Runtime session in the process by about a fifth even while idle (measured:
+19-21 img/s for ours alone, 15 with Ultralytics' session kept alive, 19 again once it was freed), so keeping the
+peer's loaded across rounds had timed ours in a slower process than the peer.
+
 Ultralytics sets torch's CPU threads to ``cores - 1`` (at most 8) when its predictor starts; ours runs
 one single-threaded inference stream per core. So on CPU predict is also measured with torch using
 every core, and the ceiling runs with ours' streams x threads, so that each ratio compares like with like.
@@ -19,6 +25,7 @@ every core, and the ceiling runs with ours' streams x threads, so that each rati
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import tempfile
@@ -184,7 +191,6 @@ def run_infer_bench(config: InferConfig, repeats: int = 1) -> InferBenchReport:
             threads, streams = warm.threads, warm.streams
             ours_config = dataclasses.replace(config, out=Path(scratch) / "ours", overwrite=True)
             peers = _Peers(config, device, warm, paths, batch, Path(scratch))
-            ceiling = _Ceiling(config, device, warm, paths, batch, streams, threads)
             # A lower precision is also timed against the same runtime at fp32 (the precision target's peer).
             fp32_config = None if warm.precision == "fp32" else dataclasses.replace(
                 ours_config, out=Path(scratch) / "ours-fp32", backend=warm.backend, precision="fp32")
@@ -194,7 +200,10 @@ def run_infer_bench(config: InferConfig, repeats: int = 1) -> InferBenchReport:
                 if fp32_config is not None:
                     runs.append(_timed(OURS_FP32, round_, run_inference(fp32_config)))
                 torch.set_num_threads(threads)
+                ceiling = _Ceiling(config, device, warm, paths, batch, streams, threads)
                 runs.append(BenchRun(CEILING, round_, ceiling.images, ceiling.time(), threads, streams))
+                del ceiling  # its runtime must not outlive its timing (module docstring)
+                gc.collect()
     finally:
         torch.set_num_threads(saved_threads)
     return InferBenchReport(device=_device_name(device), model=config.model, imgsz=config.imgsz, batch=batch,
@@ -228,8 +237,8 @@ class _Peers:
         self.device, self.expected = device, len(paths)
         self.listing = scratch / "images.txt"
         self.listing.write_text("".join(p + "\n" for p in paths))
-        warmup = scratch / "warmup.txt"
-        warmup.write_text("".join(p + "\n" for p in paths[:batch]))
+        self.warmup = scratch / "warmup.txt"
+        self.warmup.write_text("".join(p + "\n" for p in paths[:batch]))
         half = warm.precision == "fp16"
         self.args = {"imgsz": config.imgsz, "conf": config.conf, "iou": config.iou, "max_det": config.max_det,
                      "classes": list(config.classes) if config.classes else None, "batch": batch,
@@ -237,35 +246,36 @@ class _Peers:
                      "save": False, "quantize": 16 if half else None}
         self.extra = EXTRAS.get(warm.backend)
         self.pt = ultralytics_adapter.load_model(config.model)
-        self._run(self.pt, warmup)  # sets up the predictor (and its thread count)
+        self._run(self.pt, self.warmup)  # sets up the predictor (and its thread count)
         self.threads = torch.get_num_threads()
-        self.export = None
-        if warm.export is not None:
-            self.export = ultralytics_adapter.load_export(Path(warm.export["artefact"]), self.extra)
-            self._run(self.export, warmup)
+        self.export = Path(warm.export["artefact"]) if warm.export is not None else None
 
     def _run(self, yolo: Any, listing: Path) -> int:
         return sum(1 for _ in ultralytics_adapter.predict_stream(yolo, str(listing), self.extra, **self.args))
 
     def time(self, round_: int) -> list[BenchRun]:
+        cores = os.cpu_count() or 1
+        out = [self._timed(PREDICT, self.pt, self.threads, round_)]
+        if self.device.type == "cpu" and self.threads != cores:
+            out.append(self._timed(PREDICT_ALL_CORES, self.pt, cores, round_))
+        if self.export is not None:
+            export = ultralytics_adapter.load_export(self.export, self.extra)
+            self._run(export, self.warmup)  # its session and predictor, set up outside the timing
+            out.append(self._timed(PREDICT_EXPORT, export, self.threads, round_))
+            del export  # its runtime must not outlive its timing (module docstring)
+            gc.collect()
+        return out
+
+    def _timed(self, method: str, yolo: Any, threads: int, round_: int) -> BenchRun:
         import torch
 
-        cores = os.cpu_count() or 1
-        out = []
-        plan = [(PREDICT, self.pt, self.threads)]
-        if self.device.type == "cpu" and self.threads != cores:
-            plan.append((PREDICT_ALL_CORES, self.pt, cores))
-        if self.export is not None:
-            plan.append((PREDICT_EXPORT, self.export, self.threads))
-        for method, yolo, threads in plan:
-            torch.set_num_threads(threads)
-            start = time.perf_counter()
-            count = self._run(yolo, self.listing)
-            seconds = time.perf_counter() - start
-            if count != self.expected:
-                log.warning("%s returned %d results for %d images", method, count, self.expected)
-            out.append(BenchRun(method, round_, count, seconds, threads))
-        return out
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        count = self._run(yolo, self.listing)
+        seconds = time.perf_counter() - start
+        if count != self.expected:
+            log.warning("%s returned %d results for %d images", method, count, self.expected)
+        return BenchRun(method, round_, count, seconds, threads)
 
 
 class _Ceiling:
