@@ -65,3 +65,10 @@ def parse_classes(ctx: click.Context, param: click.Parameter, values: tuple[str,
         return tuple(c for value in values for c in parse_class_ids(value))
     except ValueError as exc:
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+def with_options(fn: Callable[..., Any], *options: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with ``options`` in the order given (in --help too)."""
+    for option in reversed(options):
+        fn = option(fn)
+    return fn

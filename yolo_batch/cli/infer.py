@@ -9,14 +9,15 @@ from typing import Any
 
 import click
 
-from yolo_batch.cli.common import command, parse_classes
+from yolo_batch.cli.common import command, parse_classes, with_options
 from yolo_batch.core.models import DEFAULT_MODEL
 from yolo_batch.inference.runtimes.choice import BACKENDS, PRECISIONS
 
 
 def infer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by ``infer`` and ``bench infer``."""
-    options = [
+    return with_options(
+        fn,
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
                      help="Ultralytics yaml name (random weights) or a local .pt file."),
         click.option("--profile", default=None, metavar="NAME|PATH.yaml",
@@ -46,15 +47,13 @@ def infer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Torch threads per inference stream. Default: 1 on CPU, torch's default on GPU."),
         click.option("--streams", type=int, default=None,
                      help="Inference streams side by side. Default: one per core on CPU (cores / threads), 1 on GPU."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    )
 
 
 def cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``--cluster``, ``--actors`` and ``--gpus-per-actor`` (``infer`` and ``bench infer``)."""
-    options = [
+    return with_options(
+        fn,
         click.option("--cluster", default=None, metavar="ray[:ADDRESS]",
                      help="Run on a Ray cluster through Ray Data: 'ray' joins RAY_ADDRESS or starts a local one, "
                           "'ray:ADDRESS' joins that one. Needs the extra: pip install 'yolo-batch[ray]'."),
@@ -62,10 +61,7 @@ def cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="With --cluster: inference actors. Default: one per GPU, or 3/4 of the CPUs."),
         click.option("--gpus-per-actor", type=float, default=None,
                      help="With --cluster: GPUs per actor (0: CPU actors; 0.5: two per GPU). Default: 1 with GPUs."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    )
 
 
 def build_cluster_config(opts: dict[str, Any]) -> Any:

@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from yolo_batch.cli.common import command
-from yolo_batch.cli.train import DATA, DEVICE, IMGSZ, LR_SCALING, MODEL, PROFILE, SET, quiet_option, with_options
+from yolo_batch.cli.common import command, with_options
+from yolo_batch.cli.train import DATA, DEVICE, IMGSZ, LR_SCALING, MODEL, PROFILE, SET, quiet_option
 
 
 def _shared(fn: Any) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from yolo_batch.cli.common import command, parse_set
+from yolo_batch.cli.common import command, parse_set, with_options
 from yolo_batch.core.models import DEFAULT_MODEL
 from yolo_batch.errors import InputError
 from yolo_batch.training.config import BnPolicy, LrScaling, Rounding, TrainConfig
@@ -20,13 +20,6 @@ from yolo_batch.training.config import BnPolicy, LrScaling, Rounding, TrainConfi
 def quiet_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--quiet", is_flag=True,
                         help="No progress (dataset scan, probes, inference) and no tables; errors still print.")(fn)
-
-
-def with_options(fn: Callable[..., Any], *options: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` with ``options`` in the order given (in --help too)."""
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
 
 
 # The training run's options, each declared once: train, autobatch and bench autobatch take them all (below), sweep
