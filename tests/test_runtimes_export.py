@@ -359,23 +359,23 @@ def test_openvino_never_reports_telemetry(detector, images, tmp_path):
 
 def test_bench_infer_times_each_method_with_only_its_own_runtime_alive(detector, images, cache, monkeypatch):
     """A live ONNX Runtime session slows every other one in the process (docs/benchmarks.md), so the peer's
-    export and the ceiling are dropped after their own timing: none of them is alive while ours runs."""
+    export and the ceiling's session are dropped after their own timing: none of them is alive while ours runs."""
     import weakref
 
     from yolo_batch.inference import bench
 
     loaded: list[weakref.ref] = []
-    real_load, real_run = bench.ultralytics_adapter.load_export, bench.run_inference
-    real_ceiling = bench._Ceiling.__init__
+    real_load, real_run, real_open = bench.ultralytics_adapter.load_export, bench.run_inference, bench._Ceiling._open
 
     def load_export(*args, **kwargs):
         export = real_load(*args, **kwargs)
         loaded.append(weakref.ref(export))
         return export
 
-    def ceiling(self, *args, **kwargs):
-        real_ceiling(self, *args, **kwargs)
-        loaded.append(weakref.ref(self))
+    def open_engine(self):  # the ceiling's: once for its inputs, then once per round
+        engine = real_open(self)
+        loaded.append(weakref.ref(engine.runtime.session))
+        return engine
 
     alive_during_ours: list[int] = []
 
@@ -384,7 +384,7 @@ def test_bench_infer_times_each_method_with_only_its_own_runtime_alive(detector,
         return real_run(config, *args, **kwargs)
 
     monkeypatch.setattr(bench.ultralytics_adapter, "load_export", load_export)
-    monkeypatch.setattr(bench._Ceiling, "__init__", ceiling)
+    monkeypatch.setattr(bench._Ceiling, "_open", open_engine)
     monkeypatch.setattr(bench, "run_inference", run_inference)
     result = CliRunner().invoke(main, ["bench", "infer", str(images), "--model", str(detector), "--imgsz", str(IMGSZ),
                                        "--batch", "4", "--device", "cpu", "--backend", "onnxruntime", "--precision",
@@ -392,5 +392,5 @@ def test_bench_infer_times_each_method_with_only_its_own_runtime_alive(detector,
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["ratios"]["ours_over_predict_same_backend"] > 0 and report["ratios"]["ours_over_backend_ceiling"] > 0
-    assert len(loaded) == 4  # the export and the ceiling, in each of the two rounds
+    assert len(loaded) == 5  # the export and the ceiling's session in each of the two rounds, and the ceiling's inputs
     assert alive_during_ours == [0, 0, 0]  # the warm-up run, then ours in each round
