@@ -362,10 +362,11 @@ def test_bench_infer_times_each_method_with_only_its_own_runtime_alive(detector,
     export and the ceiling's session are dropped after their own timing: none of them is alive while ours runs."""
     import weakref
 
-    from yolo_batch.inference import bench
+    from yolo_batch.inference import bench, bench_ceiling
 
     loaded: list[weakref.ref] = []
-    real_load, real_run, real_open = bench.ultralytics_adapter.load_export, bench.run_inference, bench._Ceiling._open
+    real_load, real_run = bench.ultralytics_adapter.load_export, bench.run_inference
+    real_open = bench_ceiling.Ceiling._open
 
     def load_export(*args, **kwargs):
         export = real_load(*args, **kwargs)
@@ -384,7 +385,7 @@ def test_bench_infer_times_each_method_with_only_its_own_runtime_alive(detector,
         return real_run(config, *args, **kwargs)
 
     monkeypatch.setattr(bench.ultralytics_adapter, "load_export", load_export)
-    monkeypatch.setattr(bench._Ceiling, "_open", open_engine)
+    monkeypatch.setattr(bench_ceiling.Ceiling, "_open", open_engine)
     monkeypatch.setattr(bench, "run_inference", run_inference)
     result = CliRunner().invoke(main, ["bench", "infer", str(images), "--model", str(detector), "--imgsz", str(IMGSZ),
                                        "--batch", "4", "--device", "cpu", "--backend", "onnxruntime", "--precision",
